@@ -1,0 +1,79 @@
+#pragma once
+// A kmsfs volume: a cipher directory with its kmsfs.json, opened through a
+// KeyService and served over FUSE.
+
+#include <array>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "crypto/result.h"
+#include "keyclient/key_service.h"
+
+namespace kmsfs::fs {
+
+// CIPHERDIR/kmsfs.json (docs/format.md).
+struct VolumeConfig {
+  static constexpr const char* kFileName = "kmsfs.json";
+  static constexpr int kFormatVersion = 1;
+
+  int format_version = kFormatVersion;
+  std::array<std::uint8_t, 16> filesystem_id{};
+  std::string key_id;  // ARN of the KMS key that wraps every DEK
+  std::uint32_t block_size = 4096;
+  std::vector<std::string> features;  // feature flags; unknown ones refuse the mount
+  double creation_date = 0;
+
+  std::string filesystem_id_hex() const;
+  // Reads and validates; errors name the file and the reason.
+  static Result<VolumeConfig, std::string> load(const std::string& cipherdir);
+  // Atomic replace (temp file, fsync, rename, fsync dir).
+  Result<void, std::string> save(const std::string& cipherdir) const;
+};
+
+struct MountOptions {
+  bool read_only = false;
+  bool allow_other = false;
+  bool debug = false;               // FUSE request tracing
+  std::string fsname;               // default "kmsfs:CIPHERDIR"
+  double entry_timeout = 1.0;       // seconds
+  double attr_timeout = 1.0;        // seconds
+  bool writeback_cache = true;
+  bool kernel_cache = false;
+  unsigned max_threads = 10;
+};
+
+// Parses a comma-separated "-o" string into `base`. Unknown options are an
+// error naming the option.
+Result<MountOptions, std::string> parse_mount_options(const std::string& opts, MountOptions base);
+
+// Creates CIPHERDIR/kmsfs.json for a new volume whose DEKs `key_id` wraps.
+// CIPHERDIR must exist and be empty (or not exist: it is created 0700).
+Result<VolumeConfig, std::string> init_volume(keyclient::KeyService& kms, const std::string& cipherdir,
+                                              const std::string& key_id);
+
+class Volume {
+ public:
+  // Loads kmsfs.json and checks that its key exists and is Enabled, so that
+  // a mount with a missing or disabled key fails at once.
+  static Result<std::unique_ptr<Volume>, std::string> open(keyclient::KeyService& kms,
+                                                           const std::string& cipherdir);
+  ~Volume();
+
+  const VolumeConfig& config() const;
+
+  // Mounts at `mountpoint` and serves until unmounted or SIGINT/SIGTERM/
+  // SIGHUP. `on_ready` runs once the kernel mount exists, before the first
+  // request is served. Returns an error if the mount could not be made.
+  Result<void, std::string> serve(const std::string& mountpoint, const MountOptions& opts,
+                                  const std::function<void()>& on_ready);
+
+ private:
+  struct Impl;
+  explicit Volume(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kmsfs::fs

@@ -1,0 +1,39 @@
+#pragma once
+// How a tool reaches a KeyService: `--kms SPEC` (KMSFS_KMS), KMSFS_HOME,
+// `--pkcs11-module`, `--pin-file`. One factory turns these into the service.
+
+#include <memory>
+#include <string>
+
+#include "keyclient/key_service.h"
+
+namespace kmsfs::keyclient {
+
+struct KmsOptions {
+  // "embedded" (the core in this process, state under `home`) or
+  // "unix:PATH" (kmsd, issue #4).
+  std::string spec = "embedded";
+  // Embedded state directory. Empty = default: $KMSFS_HOME, else
+  // /var/lib/kmsfs for root, else ~/.local/share/kmsfs.
+  std::string home;
+  // PKCS#11 module; empty = the build's default (SoftHSM2). With SoftHSM2
+  // and no SOFTHSM2_CONF in the environment, the core writes and uses
+  // HOME/softhsm2.conf with its token directory HOME/tokens.
+  std::string pkcs11_module;
+  // User PIN file; empty = HOME/pin (created 0600 with a random PIN at first
+  // use). A PIN file readable or writable by group or others is refused.
+  std::string pin_file;
+  // Token label; the token is found by label, never by slot number.
+  std::string token_label = "kmsfs";
+};
+
+// Resolves the defaults described above (reads KMSFS_KMS and KMSFS_HOME when
+// the fields are empty / at their defaults).
+KmsOptions resolve_kms_options(KmsOptions opts);
+
+// Builds the KeyService for `opts`. Start-up failures (module missing, token
+// cannot be initialised, PIN file refused, state dir unusable) come back as a
+// KmsError whose message names the thing and the reason.
+KmsResult<std::unique_ptr<KeyService>> make_key_service(const KmsOptions& opts);
+
+}  // namespace kmsfs::keyclient
