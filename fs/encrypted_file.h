@@ -1,0 +1,64 @@
+#pragma once
+// Block I/O on one backing file: plaintext offsets in, AES-256-GCM blocks
+// out (crypto/block_layout.h has the layout). Stateless: the caller owns the
+// backing fd, holds the inode's content lock (shared for read, exclusive for
+// write and truncate) and passes the current plaintext size.
+//
+// Ordering for crash safety: a write that extends past a partial last block
+// first re-encrypts that block to its new full length, then writes the new
+// blocks, so an interrupted write leaves a file whose every block verifies.
+// Before a write the range is preallocated (fallocate KEEP_SIZE) so that a
+// full backing filesystem fails the write with ENOSPC before any byte of a
+// block or header is changed.
+
+#include <cstdint>
+#include <span>
+#include <string>
+
+#include "crypto/file_header.h"
+#include "crypto/secure_buffer.h"
+
+namespace kmsfs::fs {
+
+struct FileKey {
+  crypto::FileId file_id{};
+  crypto::SecureBuffer dek;  // 32 bytes
+};
+
+class EncryptedFile {
+ public:
+  // `label` names the file in log lines (never contents or keys).
+  EncryptedFile(int fd, const FileKey& key, std::string label)
+      : fd_(fd), key_(key), label_(std::move(label)) {}
+
+  // Reads plaintext [off, off + out.size()) clipped to `plain_size`.
+  // Returns bytes read, or -errno (-EIO for a block that fails
+  // authentication, logged once with the block number).
+  long read(std::uint64_t plain_size, std::uint64_t off, std::span<std::uint8_t> out) const;
+
+  // Writes `data` at `off`; returns data.size() or -errno. The new plaintext
+  // size is max(plain_size, off + data.size()).
+  long write(std::uint64_t plain_size, std::uint64_t off, std::span<const std::uint8_t> data) const;
+
+  // Changes the plaintext size from `plain_size` to `new_size` (> 0; a
+  // truncate to zero drops the header and is the caller's job). 0 or -errno.
+  int truncate(std::uint64_t plain_size, std::uint64_t new_size) const;
+
+ private:
+  // Decrypts block `block` holding `len` plaintext bytes from `stored`
+  // (len + 28 bytes) into `out`; an all-zero stored block is a hole.
+  bool open_block(std::uint64_t block, std::span<const std::uint8_t> stored,
+                  std::uint8_t* out) const;
+  void seal_block(std::uint64_t block, std::span<const std::uint8_t> plain,
+                  std::uint8_t* stored_out) const;
+  // Reads and decrypts one existing block (len > 0) into out; 0 or -errno.
+  int read_block(std::uint64_t block, std::uint64_t len, std::uint8_t* out) const;
+  int write_all(const std::uint8_t* data, std::size_t len, std::uint64_t off) const;
+  int preallocate(std::uint64_t off, std::uint64_t len) const;
+
+  int fd_;
+  const FileKey& key_;
+  std::string label_;
+};
+
+}  // namespace kmsfs::fs

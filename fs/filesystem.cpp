@@ -1,0 +1,1020 @@
+#include "fs/filesystem.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "crypto/block_layout.h"
+#include "fs/volume.h"
+
+namespace kmsfs::fs {
+
+namespace bl = crypto::block_layout;
+
+namespace {
+
+std::shared_ptr<spdlog::logger> logger() {
+  static auto l = [] {
+    auto existing = spdlog::get("kmsfs.fs");
+    return existing ? existing : spdlog::default_logger()->clone("kmsfs.fs");
+  }();
+  return l;
+}
+
+Filesystem& fs_of(fuse_req_t req) { return *static_cast<Filesystem*>(fuse_req_userdata(req)); }
+
+std::string proc_path(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
+
+// The one place where failures of an operation become a FUSE reply: an
+// exception escaping an operation is a bug, logged once, answered EIO.
+template <class F>
+void guarded(fuse_req_t req, const char* op, F&& f) noexcept {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    logger()->error("internal error in {}: {}", op, e.what());
+    fuse_reply_err(req, EIO);
+  } catch (...) {
+    logger()->error("internal error in {}", op);
+    fuse_reply_err(req, EIO);
+  }
+}
+
+struct DirHandle {
+  UniqueDir dir;
+  off_t offset = 0;
+  struct dirent* pending = nullptr;  // read but not yet delivered
+};
+
+DirHandle* dir_handle(fuse_file_info* fi) { return reinterpret_cast<DirHandle*>(fi->fh); }
+
+// Backing open flags for a FUSE open: ciphertext is read-modify-written, so
+// the backing fd is O_RDWR whenever possible; O_APPEND and O_TRUNC are
+// handled in plaintext terms, never passed to the backing file.
+int backing_flags(int flags, bool read_only) {
+  int f = flags & ~(O_ACCMODE | O_APPEND | O_TRUNC | O_CREAT | O_EXCL | O_NOCTTY | O_NOFOLLOW);
+  f |= read_only ? O_RDONLY : O_RDWR;
+  return f | O_CLOEXEC;
+}
+
+bool is_user_xattr(const char* name) { return std::strncmp(name, "user.", 5) == 0; }
+
+void convert_size(struct stat* st) {
+  if (S_ISREG(st->st_mode)) {
+    st->st_size = static_cast<off_t>(bl::plain_size(static_cast<std::uint64_t>(st->st_size)));
+  }
+}
+
+}  // namespace
+
+Filesystem::Filesystem(UniqueFd root_fd, FileKeys& keys, FsSettings settings)
+    : keys_(keys), settings_(settings) {
+  struct stat st {};
+  if (::fstat(root_fd.get(), &st) != 0) throw std::runtime_error("cannot stat the cipher directory");
+  root_.fd = std::move(root_fd);
+  root_.dev = st.st_dev;
+  root_.ino = st.st_ino;
+  root_.type = S_IFDIR;
+  root_.nlookup = 2;  // never forgotten
+  root_.label = "/";
+}
+
+Filesystem::~Filesystem() = default;
+
+Inode& Filesystem::inode_of(fuse_ino_t ino) {
+  if (ino == FUSE_ROOT_ID) return root_;
+  return *reinterpret_cast<Inode*>(ino);
+}
+
+fuse_ino_t Filesystem::ino_of(Inode& inode) {
+  return &inode == &root_ ? FUSE_ROOT_ID : reinterpret_cast<fuse_ino_t>(&inode);
+}
+
+bool Filesystem::reserved_name(fuse_ino_t parent, const char* name) const {
+  return parent == FUSE_ROOT_ID && std::strcmp(name, VolumeConfig::kFileName) == 0;
+}
+
+int Filesystem::stat_inode(Inode& inode, struct stat* st) {
+  if (inode.type == S_IFREG) {
+    // Shared content lock: never report a size in the middle of a write.
+    std::shared_lock lock(inode.content);
+    if (::fstatat(inode.fd.get(), "", st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno;
+  } else if (::fstatat(inode.fd.get(), "", st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) {
+    return errno;
+  }
+  convert_size(st);
+  return 0;
+}
+
+int Filesystem::do_lookup(Inode& parent, const char* name, fuse_entry_param* e) {
+  std::memset(e, 0, sizeof *e);
+  e->attr_timeout = settings_.attr_timeout;
+  e->entry_timeout = settings_.entry_timeout;
+
+  UniqueFd fd(::openat(parent.fd.get(), name, O_PATH | O_NOFOLLOW | O_CLOEXEC));
+  if (!fd.valid()) return errno;
+  struct stat st {};
+  if (::fstatat(fd.get(), "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno;
+
+  Inode* inode = nullptr;
+  {
+    std::lock_guard lock(table_mutex_);
+    if (st.st_dev == root_.dev && st.st_ino == root_.ino) {
+      inode = &root_;
+    } else {
+      auto key = std::make_pair(st.st_dev, st.st_ino);
+      auto it = inodes_.find(key);
+      if (it != inodes_.end()) {
+        inode = it->second.get();
+      } else {
+        auto fresh = std::make_unique<Inode>();
+        fresh->fd = std::move(fd);
+        fresh->dev = st.st_dev;
+        fresh->ino = st.st_ino;
+        fresh->type = st.st_mode & S_IFMT;
+        inode = fresh.get();
+        inodes_.emplace(key, std::move(fresh));
+      }
+    }
+    inode->nlookup++;
+  }
+  {
+    std::lock_guard lock(inode->state_mutex);
+    inode->label = name;
+  }
+  if (inode->type == S_IFREG) {
+    // Another thread may be writing: take the size under the content lock.
+    std::shared_lock lock(inode->content);
+    if (::fstatat(inode->fd.get(), "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) {
+      int err = errno;
+      lock.unlock();
+      forget(ino_of(*inode), 1);
+      return err;
+    }
+  }
+  convert_size(&st);
+  e->attr = st;
+  e->ino = ino_of(*inode);
+  return 0;
+}
+
+void Filesystem::init(fuse_conn_info* conn) {
+  if (settings_.writeback_cache && (conn->capable & FUSE_CAP_WRITEBACK_CACHE) != 0) {
+    conn->want |= FUSE_CAP_WRITEBACK_CACHE;
+  } else {
+    conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
+  }
+  if ((conn->capable & FUSE_CAP_ATOMIC_O_TRUNC) != 0) conn->want |= FUSE_CAP_ATOMIC_O_TRUNC;
+  if ((conn->capable & FUSE_CAP_PARALLEL_DIROPS) != 0) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
+  // Large requests: the kernel hands over up to 1 MiB per write.
+  conn->max_write = 1U << 20;
+  conn->max_readahead = std::min<unsigned>(conn->max_readahead, 1U << 20);
+}
+
+void Filesystem::lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  fuse_entry_param e{};
+  if (reserved_name(parent, name)) {
+    fuse_reply_err(req, ENOENT);
+    return;
+  }
+  int err = do_lookup(inode_of(parent), name, &e);
+  if (err == ENOENT) {
+    // Negative entry, cached for entry_timeout.
+    std::memset(&e, 0, sizeof e);
+    e.entry_timeout = settings_.entry_timeout;
+    fuse_reply_entry(req, &e);
+  } else if (err != 0) {
+    fuse_reply_err(req, err);
+  } else {
+    fuse_reply_entry(req, &e);
+  }
+}
+
+void Filesystem::forget(fuse_ino_t ino, std::uint64_t n) {
+  Inode& inode = inode_of(ino);
+  if (&inode == &root_) return;
+  std::unique_ptr<Inode> doomed;  // destroyed after the table lock is released
+  std::lock_guard lock(table_mutex_);
+  if (n > inode.nlookup) {
+    logger()->error("forget of {} references on an inode holding {}", n, inode.nlookup);
+    n = inode.nlookup;
+  }
+  inode.nlookup -= n;
+  if (inode.nlookup == 0) {
+    auto it = inodes_.find({inode.dev, inode.ino});
+    if (it != inodes_.end()) {
+      doomed = std::move(it->second);
+      inodes_.erase(it);
+    }
+  }
+}
+
+void Filesystem::getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
+  struct stat st {};
+  int err = stat_inode(inode_of(ino), &st);
+  if (err != 0) {
+    fuse_reply_err(req, err);
+    return;
+  }
+  fuse_reply_attr(req, &st, settings_.attr_timeout);
+}
+
+void Filesystem::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set,
+                         fuse_file_info* fi) {
+  Inode& inode = inode_of(ino);
+  const int ifd = inode.fd.get();
+  const int fh = fi != nullptr ? static_cast<int>(fi->fh) : -1;
+
+  if ((to_set & FUSE_SET_ATTR_MODE) != 0) {
+    int rc = fh >= 0 ? ::fchmod(fh, attr->st_mode)
+                     : ::fchmodat(AT_FDCWD, proc_path(ifd).c_str(), attr->st_mode, 0);
+    if (rc != 0) return (void)fuse_reply_err(req, errno);
+  }
+  if ((to_set & (FUSE_SET_ATTR_UID | FUSE_SET_ATTR_GID)) != 0) {
+    uid_t uid = (to_set & FUSE_SET_ATTR_UID) != 0 ? attr->st_uid : static_cast<uid_t>(-1);
+    gid_t gid = (to_set & FUSE_SET_ATTR_GID) != 0 ? attr->st_gid : static_cast<gid_t>(-1);
+    if (::fchownat(ifd, "", uid, gid, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) {
+      return (void)fuse_reply_err(req, errno);
+    }
+  }
+  if ((to_set & FUSE_SET_ATTR_SIZE) != 0) {
+    if (inode.type != S_IFREG) return (void)fuse_reply_err(req, inode.type == S_IFDIR ? EISDIR : EINVAL);
+    if (attr->st_size < 0) return (void)fuse_reply_err(req, EINVAL);
+    UniqueFd temp;
+    int fd = fh;
+    if (fd < 0) {
+      temp.reset(::open(proc_path(ifd).c_str(), O_RDWR | O_CLOEXEC));
+      if (!temp.valid()) return (void)fuse_reply_err(req, errno);
+      fd = temp.get();
+    }
+    std::unique_lock<std::shared_mutex> lock;
+    int err = 0;
+    if (attr->st_size == 0) {
+      lock = std::unique_lock(inode.content);
+      err = truncate_locked(inode, fd, 0, lock);
+    } else {
+      auto key = key_for_write(inode, fd, lock);
+      err = key ? truncate_locked(inode, fd, static_cast<std::uint64_t>(attr->st_size), lock)
+                : key.error();
+    }
+    if (lock.owns_lock()) lock.unlock();
+    drop_key_if_closed(inode);
+    if (err != 0) return (void)fuse_reply_err(req, err);
+  }
+  if ((to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME)) != 0) {
+    struct timespec tv[2];
+    tv[0].tv_sec = 0;
+    tv[1].tv_sec = 0;
+    tv[0].tv_nsec = UTIME_OMIT;
+    tv[1].tv_nsec = UTIME_OMIT;
+    if ((to_set & FUSE_SET_ATTR_ATIME_NOW) != 0) {
+      tv[0].tv_nsec = UTIME_NOW;
+    } else if ((to_set & FUSE_SET_ATTR_ATIME) != 0) {
+      tv[0] = attr->st_atim;
+    }
+    if ((to_set & FUSE_SET_ATTR_MTIME_NOW) != 0) {
+      tv[1].tv_nsec = UTIME_NOW;
+    } else if ((to_set & FUSE_SET_ATTR_MTIME) != 0) {
+      tv[1] = attr->st_mtim;
+    }
+    int rc = 0;
+    if (fh >= 0) {
+      rc = ::futimens(fh, tv);
+    } else if (inode.type == S_IFLNK) {
+      errno = EPERM;  // no race-free way to set a symlink's own times by fd
+      rc = -1;
+    } else {
+      rc = ::utimensat(AT_FDCWD, proc_path(ifd).c_str(), tv, 0);
+    }
+    if (rc != 0) return (void)fuse_reply_err(req, errno);
+  }
+  getattr(req, ino, fi);
+}
+
+void Filesystem::readlink(fuse_req_t req, fuse_ino_t ino) {
+  char buf[PATH_MAX + 1];
+  ssize_t n = ::readlinkat(inode_of(ino).fd.get(), "", buf, sizeof buf);
+  if (n < 0) return (void)fuse_reply_err(req, errno);
+  if (static_cast<size_t>(n) >= sizeof buf) return (void)fuse_reply_err(req, ENAMETOOLONG);
+  buf[n] = '\0';
+  fuse_reply_readlink(req, buf);
+}
+
+void Filesystem::chown_to_caller(fuse_req_t req, int dirfd, const char* name) {
+  // A daemon running as root creates files as root; give them to the
+  // caller, as a kernel filesystem would.
+  const fuse_ctx* ctx = fuse_req_ctx(req);
+  if (::geteuid() != 0 || ctx == nullptr) return;
+  if (ctx->uid == 0 && ctx->gid == ::getegid()) return;
+  if (::fchownat(dirfd, name, ctx->uid, ctx->gid, AT_SYMLINK_NOFOLLOW) != 0) {
+    logger()->warn("cannot give a new file to uid {}: {}", ctx->uid, std::strerror(errno));
+  }
+}
+
+void Filesystem::reply_new_entry(fuse_req_t req, Inode& parent, const char* name) {
+  fuse_entry_param e{};
+  int err = do_lookup(parent, name, &e);
+  if (err != 0) return (void)fuse_reply_err(req, err);
+  fuse_reply_entry(req, &e);
+}
+
+void Filesystem::mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
+                       dev_t rdev) {
+  if (reserved_name(parent, name)) return (void)fuse_reply_err(req, EPERM);
+  Inode& p = inode_of(parent);
+  int rc = S_ISDIR(mode) ? ::mkdirat(p.fd.get(), name, mode & 07777)
+                         : ::mknodat(p.fd.get(), name, mode, rdev);
+  if (rc != 0) return (void)fuse_reply_err(req, errno);
+  chown_to_caller(req, p.fd.get(), name);
+  reply_new_entry(req, p, name);
+}
+
+void Filesystem::mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
+  mknod(req, parent, name, S_IFDIR | mode, 0);
+}
+
+void Filesystem::unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  if (reserved_name(parent, name)) return (void)fuse_reply_err(req, ENOENT);
+  fuse_reply_err(req, ::unlinkat(inode_of(parent).fd.get(), name, 0) == 0 ? 0 : errno);
+}
+
+void Filesystem::rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
+  if (reserved_name(parent, name)) return (void)fuse_reply_err(req, ENOENT);
+  fuse_reply_err(req, ::unlinkat(inode_of(parent).fd.get(), name, AT_REMOVEDIR) == 0 ? 0 : errno);
+}
+
+void Filesystem::symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name) {
+  if (reserved_name(parent, name)) return (void)fuse_reply_err(req, EPERM);
+  Inode& p = inode_of(parent);
+  if (::symlinkat(link, p.fd.get(), name) != 0) return (void)fuse_reply_err(req, errno);
+  chown_to_caller(req, p.fd.get(), name);
+  reply_new_entry(req, p, name);
+}
+
+void Filesystem::rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
+                        const char* newname, unsigned int flags) {
+  if (reserved_name(parent, name) || reserved_name(newparent, newname)) {
+    return (void)fuse_reply_err(req, EPERM);
+  }
+  if ((flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) != 0) return (void)fuse_reply_err(req, EINVAL);
+  int rc = ::renameat2(inode_of(parent).fd.get(), name, inode_of(newparent).fd.get(), newname, flags);
+  fuse_reply_err(req, rc == 0 ? 0 : errno);
+}
+
+void Filesystem::link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname) {
+  if (reserved_name(newparent, newname)) return (void)fuse_reply_err(req, EPERM);
+  Inode& inode = inode_of(ino);
+  Inode& np = inode_of(newparent);
+  if (::linkat(AT_FDCWD, proc_path(inode.fd.get()).c_str(), np.fd.get(), newname,
+               AT_SYMLINK_FOLLOW) != 0) {
+    return (void)fuse_reply_err(req, errno);
+  }
+  reply_new_entry(req, np, newname);
+}
+
+Result<std::shared_ptr<const FileKey>, int> Filesystem::load_key(Inode& inode, int fd) {
+  std::string label;
+  {
+    std::lock_guard lock(inode.state_mutex);
+    if (inode.key) return inode.key;
+    label = "'" + inode.label + "' (backing inode " + std::to_string(inode.ino) + ")";
+  }
+  std::uint8_t raw[crypto::FileHeader::kSize];
+  ssize_t n = ::pread(fd, raw, sizeof raw, 0);
+  if (n < 0) return unexpected(errno);
+  if (n == 0) return std::shared_ptr<const FileKey>();  // empty file: no header yet
+  auto header = crypto::FileHeader::decode(std::span(raw, static_cast<std::size_t>(n)));
+  if (!header) {
+    logger()->error("cannot open {}: corrupt header: {}", label, header.error());
+    return unexpected(EIO);
+  }
+  auto key = keys_.open(*header, label);  // no lock held across the KMS call
+  if (!key) return unexpected(key.error());
+  auto shared = std::make_shared<const FileKey>(std::move(*key));
+  std::lock_guard lock(inode.state_mutex);
+  if (!inode.key) inode.key = shared;  // else another thread won the race
+  return inode.key;
+}
+
+Result<std::shared_ptr<const FileKey>, int> Filesystem::key_for_write(
+    Inode& inode, int fd, std::unique_lock<std::shared_mutex>& lock) {
+  for (int attempt = 0; attempt < 4; ++attempt) {
+    auto existing = load_key(inode, fd);
+    if (!existing) return existing;
+    if (*existing) {
+      lock = std::unique_lock(inode.content);
+      {
+        std::lock_guard sl(inode.state_mutex);
+        if (inode.key) return inode.key;
+      }
+      lock.unlock();  // dropped meanwhile by a truncate to zero: start over
+      continue;
+    }
+    std::optional<FileKeys::NewFile> fresh;
+    if (!*existing) {
+      // Empty backing file: the data key is made before taking the lock (no
+      // lock across a KMS call) and installed only if the file is still
+      // empty then.
+      std::string label;
+      {
+        std::lock_guard sl(inode.state_mutex);
+        label = "'" + inode.label + "' (backing inode " + std::to_string(inode.ino) + ")";
+      }
+      auto nf = keys_.create(label);
+      if (!nf) return unexpected(nf.error());
+      fresh = std::move(*nf);
+    }
+    lock = std::unique_lock(inode.content);
+    {
+      std::lock_guard sl(inode.state_mutex);
+      if (inode.key) return inode.key;
+    }
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) return unexpected(errno);
+    if (st.st_size == 0 && fresh) {
+      auto bytes = fresh->header.encode();
+      // Preallocate the header so that ENOSPC fails here, not mid-header.
+      if (::fallocate(fd, 0, 0, static_cast<off_t>(bytes.size())) != 0 && errno != EOPNOTSUPP &&
+          errno != ENOSYS && errno != EINVAL) {
+        return unexpected(errno);
+      }
+      ssize_t n = ::pwrite(fd, bytes.data(), bytes.size(), 0);
+      if (n != static_cast<ssize_t>(bytes.size())) {
+        int err = n < 0 ? errno : EIO;
+        (void)::ftruncate(fd, 0);
+        return unexpected(err);
+      }
+      auto key = std::make_shared<const FileKey>(std::move(fresh->key));
+      std::lock_guard sl(inode.state_mutex);
+      inode.key = key;
+      return inode.key;
+    }
+    // Another writer created the header first: use its key.
+    lock.unlock();
+  }
+  logger()->error("cannot prepare the data key of backing inode {}: the file keeps changing",
+                  inode.ino);
+  return unexpected(EIO);
+}
+
+void Filesystem::drop_key_if_closed(Inode& inode) {
+  std::shared_ptr<const FileKey> doomed;  // zeroized outside the lock
+  std::lock_guard lock(inode.state_mutex);
+  if (inode.open_count == 0) doomed = std::move(inode.key);
+}
+
+int Filesystem::truncate_locked(Inode& inode, int fd, std::uint64_t new_size,
+                                std::unique_lock<std::shared_mutex>&) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return errno;
+  if (new_size == 0) {
+    // An empty file has no header: the next write makes a new file id and
+    // data key, so no old ciphertext is ever reused under a new key.
+    if (::ftruncate(fd, 0) != 0) return errno;
+    std::shared_ptr<const FileKey> doomed;
+    std::lock_guard sl(inode.state_mutex);
+    doomed = std::move(inode.key);
+    return 0;
+  }
+  std::shared_ptr<const FileKey> key;
+  {
+    std::lock_guard sl(inode.state_mutex);
+    key = inode.key;
+  }
+  if (!key) return EIO;
+  EncryptedFile file(fd, *key, "backing inode " + std::to_string(inode.ino));
+  return -file.truncate(bl::plain_size(static_cast<std::uint64_t>(st.st_size)), new_size);
+}
+
+void Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Inode& inode = inode_of(ino);
+  if (inode.type != S_IFREG) {
+    // Fifos and devices are opened by the kernel itself; anything else here
+    // is a directory, handled by opendir.
+    return (void)fuse_reply_err(req, inode.type == S_IFDIR ? EISDIR : EINVAL);
+  }
+  const bool wants_write = (fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC) != 0;
+  if (settings_.read_only && wants_write) return (void)fuse_reply_err(req, EROFS);
+  const std::string path = proc_path(inode.fd.get());
+  UniqueFd fd(::open(path.c_str(), backing_flags(fi->flags, settings_.read_only)));
+  if (!fd.valid() && errno == EACCES && !wants_write) {
+    fd.reset(::open(path.c_str(), backing_flags(fi->flags, true)));
+  }
+  if (!fd.valid()) return (void)fuse_reply_err(req, errno);
+
+  {
+    std::lock_guard lock(inode.state_mutex);
+    inode.open_count++;
+  }
+  if ((fi->flags & O_TRUNC) != 0) {
+    std::unique_lock lock(inode.content);
+    if (int err = truncate_locked(inode, fd.get(), 0, lock); err != 0) {
+      lock.unlock();
+      {
+        std::lock_guard sl(inode.state_mutex);
+        inode.open_count--;
+      }
+      drop_key_if_closed(inode);
+      return (void)fuse_reply_err(req, err);
+    }
+  }
+  auto key = load_key(inode, fd.get());
+  if (!key) {
+    {
+      std::lock_guard sl(inode.state_mutex);
+      inode.open_count--;
+    }
+    drop_key_if_closed(inode);
+    return (void)fuse_reply_err(req, key.error());
+  }
+  fi->fh = static_cast<std::uint64_t>(fd.release());
+  fi->keep_cache = settings_.kernel_cache ? 1 : 0;
+  fi->noflush = 0;
+  fuse_reply_open(req, fi);
+}
+
+void Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
+                        fuse_file_info* fi) {
+  if (reserved_name(parent, name)) return (void)fuse_reply_err(req, EPERM);
+  if (settings_.read_only) return (void)fuse_reply_err(req, EROFS);
+  Inode& p = inode_of(parent);
+  int flags = backing_flags(fi->flags, false) | O_CREAT | (fi->flags & O_EXCL) | O_NOFOLLOW;
+  UniqueFd fd(::openat(p.fd.get(), name, flags, mode & 07777));
+  if (!fd.valid()) return (void)fuse_reply_err(req, errno);
+  chown_to_caller(req, p.fd.get(), name);
+
+  fuse_entry_param e{};
+  if (int err = do_lookup(p, name, &e); err != 0) return (void)fuse_reply_err(req, err);
+  Inode& inode = inode_of(e.ino);
+  {
+    std::lock_guard lock(inode.state_mutex);
+    inode.open_count++;
+  }
+  if ((fi->flags & O_TRUNC) != 0) {
+    std::unique_lock lock(inode.content);
+    (void)truncate_locked(inode, fd.get(), 0, lock);
+  }
+  auto key = load_key(inode, fd.get());  // an existing file opened through create
+  if (!key) {
+    {
+      std::lock_guard sl(inode.state_mutex);
+      inode.open_count--;
+    }
+    drop_key_if_closed(inode);
+    forget(e.ino, 1);
+    return (void)fuse_reply_err(req, key.error());
+  }
+  fi->fh = static_cast<std::uint64_t>(fd.release());
+  fi->keep_cache = settings_.kernel_cache ? 1 : 0;
+  fuse_reply_create(req, &e, fi);
+}
+
+void Filesystem::read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
+  Inode& inode = inode_of(ino);
+  const int fd = static_cast<int>(fi->fh);
+  thread_local std::vector<std::uint8_t> out;
+  if (out.size() < size) out.resize(size);
+  long n = 0;
+  {
+    std::shared_lock lock(inode.content);
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+      int err = errno;
+      lock.unlock();
+      return (void)fuse_reply_err(req, err);
+    }
+    const std::uint64_t plain = bl::plain_size(static_cast<std::uint64_t>(st.st_size));
+    if (plain > static_cast<std::uint64_t>(off)) {
+      std::shared_ptr<const FileKey> key;
+      {
+        std::lock_guard sl(inode.state_mutex);
+        key = inode.key;
+      }
+      if (!key) {
+        // The header appeared after open (another opener wrote first).
+        auto loaded = load_key(inode, fd);
+        if (!loaded || !*loaded) {
+          lock.unlock();
+          return (void)fuse_reply_err(req, loaded ? EIO : loaded.error());
+        }
+        key = *loaded;
+      }
+      std::string label;
+      {
+        std::lock_guard sl(inode.state_mutex);
+        label = "'" + inode.label + "' (backing inode " + std::to_string(inode.ino) + ")";
+      }
+      EncryptedFile file(fd, *key, label);
+      n = file.read(plain, static_cast<std::uint64_t>(off), std::span(out.data(), size));
+    }
+  }
+  if (n < 0) return (void)fuse_reply_err(req, static_cast<int>(-n));
+  fuse_reply_buf(req, reinterpret_cast<const char*>(out.data()), static_cast<size_t>(n));
+}
+
+void Filesystem::write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off,
+                       fuse_file_info* fi) {
+  Inode& inode = inode_of(ino);
+  const int fd = static_cast<int>(fi->fh);
+  if (off < 0) return (void)fuse_reply_err(req, EINVAL);
+  long n = 0;
+  {
+    std::unique_lock<std::shared_mutex> lock;
+    auto key = key_for_write(inode, fd, lock);
+    if (!key) {
+      if (lock.owns_lock()) lock.unlock();
+      return (void)fuse_reply_err(req, key.error());
+    }
+    struct stat st {};
+    if (::fstat(fd, &st) != 0) {
+      int err = errno;
+      lock.unlock();
+      return (void)fuse_reply_err(req, err);
+    }
+    std::string label;
+    {
+      std::lock_guard sl(inode.state_mutex);
+      label = "'" + inode.label + "' (backing inode " + std::to_string(inode.ino) + ")";
+    }
+    EncryptedFile file(fd, **key, label);
+    n = file.write(bl::plain_size(static_cast<std::uint64_t>(st.st_size)),
+                   static_cast<std::uint64_t>(off),
+                   std::span(reinterpret_cast<const std::uint8_t*>(buf), size));
+  }
+  if (n < 0) return (void)fuse_reply_err(req, static_cast<int>(-n));
+  fuse_reply_write(req, static_cast<size_t>(n));
+}
+
+void Filesystem::release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Inode& inode = inode_of(ino);
+  UniqueFd fd(static_cast<int>(fi->fh));
+  fd.reset();
+  {
+    std::lock_guard lock(inode.state_mutex);
+    inode.open_count--;
+  }
+  drop_key_if_closed(inode);
+  fuse_reply_err(req, 0);
+}
+
+void Filesystem::fsync(fuse_req_t req, fuse_ino_t, int datasync, fuse_file_info* fi) {
+  int fd = static_cast<int>(fi->fh);
+  int rc = datasync != 0 ? ::fdatasync(fd) : ::fsync(fd);
+  fuse_reply_err(req, rc == 0 ? 0 : errno);
+}
+
+void Filesystem::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  Inode& inode = inode_of(ino);
+  UniqueFd fd(::openat(inode.fd.get(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!fd.valid()) return (void)fuse_reply_err(req, errno);
+  auto handle = std::make_unique<DirHandle>();
+  handle->dir.reset(::fdopendir(fd.get()));
+  if (!handle->dir) return (void)fuse_reply_err(req, errno);
+  (void)fd.release();  // owned by the DIR stream now
+  fi->fh = reinterpret_cast<std::uint64_t>(handle.release());
+  fi->cache_readdir = 0;
+  fuse_reply_open(req, fi);
+}
+
+void Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                         fuse_file_info* fi, bool plus) {
+  DirHandle* d = dir_handle(fi);
+  Inode& dir_inode = inode_of(ino);
+  std::vector<char> buf(size);
+  size_t used = 0;
+  if (off != d->offset) {
+    ::seekdir(d->dir.get(), off);
+    d->pending = nullptr;
+    d->offset = off;
+  }
+  while (true) {
+    struct dirent* entry = d->pending;
+    if (entry == nullptr) {
+      errno = 0;
+      entry = ::readdir(d->dir.get());
+      if (entry == nullptr) {
+        if (errno != 0 && used == 0) return (void)fuse_reply_err(req, errno);
+        break;
+      }
+    }
+    d->pending = nullptr;
+    const off_t next = entry->d_off;
+    if (reserved_name(ino, entry->d_name)) {
+      d->offset = next;
+      continue;
+    }
+    size_t need = 0;
+    if (plus) {
+      fuse_entry_param e{};
+      const bool dot = std::strcmp(entry->d_name, ".") == 0 || std::strcmp(entry->d_name, "..") == 0;
+      if (dot) {
+        e.attr.st_ino = entry->d_ino;
+        e.attr.st_mode = static_cast<mode_t>(entry->d_type) << 12;
+      } else if (int err = do_lookup(dir_inode, entry->d_name, &e); err != 0) {
+        if (err == ENOENT) {  // vanished meanwhile
+          d->offset = next;
+          continue;
+        }
+        if (used == 0) return (void)fuse_reply_err(req, err);
+        break;
+      }
+      need = fuse_add_direntry_plus(req, buf.data() + used, size - used, entry->d_name, &e, next);
+      if (need > size - used) {
+        if (!dot) forget(e.ino, 1);  // not delivered: give the reference back
+        d->pending = entry;
+        break;
+      }
+    } else {
+      struct stat st {};
+      st.st_ino = entry->d_ino;
+      st.st_mode = static_cast<mode_t>(entry->d_type) << 12;
+      need = fuse_add_direntry(req, buf.data() + used, size - used, entry->d_name, &st, next);
+      if (need > size - used) {
+        d->pending = entry;
+        break;
+      }
+    }
+    used += need;
+    d->offset = next;
+  }
+  fuse_reply_buf(req, buf.data(), used);
+}
+
+void Filesystem::releasedir(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+  std::unique_ptr<DirHandle> d(dir_handle(fi));
+  d.reset();
+  fuse_reply_err(req, 0);
+}
+
+void Filesystem::fsyncdir(fuse_req_t req, fuse_ino_t, int datasync, fuse_file_info* fi) {
+  int fd = ::dirfd(dir_handle(fi)->dir.get());
+  int rc = datasync != 0 ? ::fdatasync(fd) : ::fsync(fd);
+  fuse_reply_err(req, rc == 0 ? 0 : errno);
+}
+
+void Filesystem::statfs(fuse_req_t req, fuse_ino_t) {
+  struct statvfs sv {};
+  if (::fstatvfs(root_.fd.get(), &sv) != 0) return (void)fuse_reply_err(req, errno);
+  fuse_reply_statfs(req, &sv);
+}
+
+void Filesystem::setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value,
+                          size_t size, int flags) {
+  // Only the user namespace is stored; security.* and trusted.* would be
+  // interpreted by the backing filesystem, not the mount.
+  if (!is_user_xattr(name)) return (void)fuse_reply_err(req, EOPNOTSUPP);
+  Inode& inode = inode_of(ino);
+  if (inode.type != S_IFREG && inode.type != S_IFDIR) return (void)fuse_reply_err(req, EPERM);
+  int rc = ::setxattr(proc_path(inode.fd.get()).c_str(), name, value, size, flags);
+  fuse_reply_err(req, rc == 0 ? 0 : errno);
+}
+
+void Filesystem::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
+  if (!is_user_xattr(name)) return (void)fuse_reply_err(req, ENODATA);
+  Inode& inode = inode_of(ino);
+  if (inode.type != S_IFREG && inode.type != S_IFDIR) return (void)fuse_reply_err(req, ENODATA);
+  const std::string path = proc_path(inode.fd.get());
+  if (size == 0) {
+    ssize_t n = ::getxattr(path.c_str(), name, nullptr, 0);
+    if (n < 0) return (void)fuse_reply_err(req, errno);
+    return (void)fuse_reply_xattr(req, static_cast<size_t>(n));
+  }
+  std::vector<char> buf(size);
+  ssize_t n = ::getxattr(path.c_str(), name, buf.data(), size);
+  if (n < 0) return (void)fuse_reply_err(req, errno);
+  fuse_reply_buf(req, buf.data(), static_cast<size_t>(n));
+}
+
+void Filesystem::listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
+  Inode& inode = inode_of(ino);
+  std::string names;
+  if (inode.type == S_IFREG || inode.type == S_IFDIR) {
+    const std::string path = proc_path(inode.fd.get());
+    ssize_t n = ::listxattr(path.c_str(), nullptr, 0);
+    if (n < 0) return (void)fuse_reply_err(req, errno);
+    std::vector<char> all(static_cast<size_t>(n) + 1);
+    n = ::listxattr(path.c_str(), all.data(), all.size());
+    if (n < 0) return (void)fuse_reply_err(req, errno);
+    for (ssize_t i = 0; i < n;) {
+      const char* name = all.data() + i;
+      size_t len = std::strlen(name);
+      if (is_user_xattr(name)) names.append(name, len + 1);
+      i += static_cast<ssize_t>(len) + 1;
+    }
+  }
+  if (size == 0) return (void)fuse_reply_xattr(req, names.size());
+  if (names.size() > size) return (void)fuse_reply_err(req, ERANGE);
+  fuse_reply_buf(req, names.data(), names.size());
+}
+
+void Filesystem::removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
+  if (!is_user_xattr(name)) return (void)fuse_reply_err(req, ENODATA);
+  Inode& inode = inode_of(ino);
+  if (inode.type != S_IFREG && inode.type != S_IFDIR) return (void)fuse_reply_err(req, ENODATA);
+  int rc = ::removexattr(proc_path(inode.fd.get()).c_str(), name);
+  fuse_reply_err(req, rc == 0 ? 0 : errno);
+}
+
+void Filesystem::fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                           fuse_file_info* fi) {
+  // Mode 0 only (posix_fallocate): make sure the file is at least
+  // offset + length long. Other modes (punch hole, collapse, ...) would
+  // need ciphertext-aware handling.
+  if (mode != 0) return (void)fuse_reply_err(req, EOPNOTSUPP);
+  if (offset < 0 || length <= 0) return (void)fuse_reply_err(req, EINVAL);
+  Inode& inode = inode_of(ino);
+  const int fd = static_cast<int>(fi->fh);
+  std::unique_lock<std::shared_mutex> lock;
+  auto key = key_for_write(inode, fd, lock);
+  if (!key) {
+    if (lock.owns_lock()) lock.unlock();
+    return (void)fuse_reply_err(req, key.error());
+  }
+  struct stat st {};
+  int err = 0;
+  if (::fstat(fd, &st) != 0) {
+    err = errno;
+  } else {
+    const std::uint64_t plain = bl::plain_size(static_cast<std::uint64_t>(st.st_size));
+    const std::uint64_t want = static_cast<std::uint64_t>(offset) + static_cast<std::uint64_t>(length);
+    if (want > plain) err = truncate_locked(inode, fd, want, lock);
+  }
+  lock.unlock();
+  fuse_reply_err(req, err);
+}
+
+// ---------------------------------------------------------------------------
+// noexcept trampolines: the C boundary.
+
+namespace {
+
+void op_init(void* userdata, fuse_conn_info* conn) noexcept {
+  try {
+    static_cast<Filesystem*>(userdata)->init(conn);
+  } catch (const std::exception& e) {
+    logger()->error("internal error in init: {}", e.what());
+  }
+}
+void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) noexcept {
+  guarded(req, "lookup", [&] { fs_of(req).lookup(req, parent, name); });
+}
+void op_forget(fuse_req_t req, fuse_ino_t ino, uint64_t n) noexcept {
+  try {
+    fs_of(req).forget(ino, n);
+  } catch (...) {
+  }
+  fuse_reply_none(req);
+}
+void op_forget_multi(fuse_req_t req, size_t count, fuse_forget_data* forgets) noexcept {
+  try {
+    for (size_t i = 0; i < count; ++i) fs_of(req).forget(forgets[i].ino, forgets[i].nlookup);
+  } catch (...) {
+  }
+  fuse_reply_none(req);
+}
+void op_getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
+  guarded(req, "getattr", [&] { fs_of(req).getattr(req, ino, fi); });
+}
+void op_setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set,
+                fuse_file_info* fi) noexcept {
+  guarded(req, "setattr", [&] { fs_of(req).setattr(req, ino, attr, to_set, fi); });
+}
+void op_readlink(fuse_req_t req, fuse_ino_t ino) noexcept {
+  guarded(req, "readlink", [&] { fs_of(req).readlink(req, ino); });
+}
+void op_mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev) noexcept {
+  guarded(req, "mknod", [&] { fs_of(req).mknod(req, parent, name, mode, rdev); });
+}
+void op_mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) noexcept {
+  guarded(req, "mkdir", [&] { fs_of(req).mkdir(req, parent, name, mode); });
+}
+void op_unlink(fuse_req_t req, fuse_ino_t parent, const char* name) noexcept {
+  guarded(req, "unlink", [&] { fs_of(req).unlink(req, parent, name); });
+}
+void op_rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) noexcept {
+  guarded(req, "rmdir", [&] { fs_of(req).rmdir(req, parent, name); });
+}
+void op_symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name) noexcept {
+  guarded(req, "symlink", [&] { fs_of(req).symlink(req, link, parent, name); });
+}
+void op_rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
+               const char* newname, unsigned int flags) noexcept {
+  guarded(req, "rename", [&] { fs_of(req).rename(req, parent, name, newparent, newname, flags); });
+}
+void op_link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname) noexcept {
+  guarded(req, "link", [&] { fs_of(req).link(req, ino, newparent, newname); });
+}
+void op_open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
+  guarded(req, "open", [&] { fs_of(req).open(req, ino, fi); });
+}
+void op_create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
+               fuse_file_info* fi) noexcept {
+  guarded(req, "create", [&] { fs_of(req).create(req, parent, name, mode, fi); });
+}
+void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) noexcept {
+  guarded(req, "read", [&] { fs_of(req).read(req, ino, size, off, fi); });
+}
+void op_write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off,
+              fuse_file_info* fi) noexcept {
+  guarded(req, "write", [&] { fs_of(req).write(req, ino, buf, size, off, fi); });
+}
+void op_flush(fuse_req_t req, fuse_ino_t, fuse_file_info*) noexcept { fuse_reply_err(req, 0); }
+void op_release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
+  guarded(req, "release", [&] { fs_of(req).release(req, ino, fi); });
+}
+void op_fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* fi) noexcept {
+  guarded(req, "fsync", [&] { fs_of(req).fsync(req, ino, datasync, fi); });
+}
+void op_opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
+  guarded(req, "opendir", [&] { fs_of(req).opendir(req, ino, fi); });
+}
+void op_readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) noexcept {
+  guarded(req, "readdir", [&] { fs_of(req).readdir(req, ino, size, off, fi, false); });
+}
+void op_readdirplus(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                    fuse_file_info* fi) noexcept {
+  guarded(req, "readdirplus", [&] { fs_of(req).readdir(req, ino, size, off, fi, true); });
+}
+void op_releasedir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) noexcept {
+  guarded(req, "releasedir", [&] { fs_of(req).releasedir(req, ino, fi); });
+}
+void op_fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* fi) noexcept {
+  guarded(req, "fsyncdir", [&] { fs_of(req).fsyncdir(req, ino, datasync, fi); });
+}
+void op_statfs(fuse_req_t req, fuse_ino_t ino) noexcept {
+  guarded(req, "statfs", [&] { fs_of(req).statfs(req, ino); });
+}
+void op_setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size,
+                 int flags) noexcept {
+  guarded(req, "setxattr", [&] { fs_of(req).setxattr(req, ino, name, value, size, flags); });
+}
+void op_getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) noexcept {
+  guarded(req, "getxattr", [&] { fs_of(req).getxattr(req, ino, name, size); });
+}
+void op_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) noexcept {
+  guarded(req, "listxattr", [&] { fs_of(req).listxattr(req, ino, size); });
+}
+void op_removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) noexcept {
+  guarded(req, "removexattr", [&] { fs_of(req).removexattr(req, ino, name); });
+}
+void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                  fuse_file_info* fi) noexcept {
+  guarded(req, "fallocate", [&] { fs_of(req).fallocate(req, ino, mode, offset, length, fi); });
+}
+
+fuse_lowlevel_ops make_ops() {
+  fuse_lowlevel_ops ops{};
+  ops.init = op_init;
+  ops.lookup = op_lookup;
+  ops.forget = op_forget;
+  ops.forget_multi = op_forget_multi;
+  ops.getattr = op_getattr;
+  ops.setattr = op_setattr;
+  ops.readlink = op_readlink;
+  ops.mknod = op_mknod;
+  ops.mkdir = op_mkdir;
+  ops.unlink = op_unlink;
+  ops.rmdir = op_rmdir;
+  ops.symlink = op_symlink;
+  ops.rename = op_rename;
+  ops.link = op_link;
+  ops.open = op_open;
+  ops.create = op_create;
+  ops.read = op_read;
+  ops.write = op_write;
+  ops.flush = op_flush;
+  ops.release = op_release;
+  ops.fsync = op_fsync;
+  ops.opendir = op_opendir;
+  ops.readdir = op_readdir;
+  ops.readdirplus = op_readdirplus;
+  ops.releasedir = op_releasedir;
+  ops.fsyncdir = op_fsyncdir;
+  ops.statfs = op_statfs;
+  ops.setxattr = op_setxattr;
+  ops.getxattr = op_getxattr;
+  ops.listxattr = op_listxattr;
+  ops.removexattr = op_removexattr;
+  ops.fallocate = op_fallocate;
+  return ops;
+}
+
+}  // namespace
+
+const fuse_lowlevel_ops& Filesystem::operations() {
+  static const fuse_lowlevel_ops ops = make_ops();
+  return ops;
+}
+
+}  // namespace kmsfs::fs

@@ -1,0 +1,131 @@
+#pragma once
+// The FUSE low-level filesystem (libfuse 3 API, inode based, after
+// libfuse's passthrough_hp). Every inode holds an O_PATH fd on its backing
+// object; everything else is reached with *at() calls relative to it.
+// Regular files are encrypted (EncryptedFile); directories, symlinks, fifos
+// and sockets pass through.
+//
+// Lock order: Inode::content (shared_mutex) before Inode::state_mutex;
+// Filesystem::table_mutex_ is never held with either. No lock is held
+// across a KMS call or a fuse_reply_*.
+
+#define FUSE_USE_VERSION 314
+#include <fuse_lowlevel.h>
+
+#include <map>
+#include <memory>
+#include <mutex>
+#include <shared_mutex>
+#include <string>
+#include <utility>
+
+#include "fs/encrypted_file.h"
+#include "fs/file_keys.h"
+#include "fs/unique_fd.h"
+
+namespace kmsfs::fs {
+
+struct FsSettings {
+  double entry_timeout = 1.0;
+  double attr_timeout = 1.0;
+  bool writeback_cache = true;
+  bool kernel_cache = false;
+  bool read_only = false;
+};
+
+struct Inode {
+  // Immutable after creation.
+  UniqueFd fd;  // O_PATH | O_NOFOLLOW
+  dev_t dev = 0;
+  ino_t ino = 0;
+  mode_t type = 0;  // S_IFMT bits
+
+  // Guarded by Filesystem::table_mutex_.
+  std::uint64_t nlookup = 0;
+
+  // Serialises content changes of a regular file: shared for read and
+  // getattr, exclusive for write, truncate and header creation.
+  std::shared_mutex content;
+
+  std::mutex state_mutex;
+  // Guarded by state_mutex. The data key is present while the file is open
+  // (or during one operation on a closed file) and zeroized when dropped.
+  std::shared_ptr<const FileKey> key;
+  int open_count = 0;
+  std::string label;  // last name looked up, for log lines
+};
+
+class Filesystem {
+ public:
+  Filesystem(UniqueFd root_fd, FileKeys& keys, FsSettings settings);
+  ~Filesystem();
+
+  static const fuse_lowlevel_ops& operations();
+
+  // Operation bodies, called by the noexcept trampolines in filesystem.cpp.
+  void init(fuse_conn_info* conn);
+  void lookup(fuse_req_t req, fuse_ino_t parent, const char* name);
+  void forget(fuse_ino_t ino, std::uint64_t n);
+  void getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+  void setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set, fuse_file_info* fi);
+  void readlink(fuse_req_t req, fuse_ino_t ino);
+  void mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, dev_t rdev);
+  void mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode);
+  void unlink(fuse_req_t req, fuse_ino_t parent, const char* name);
+  void rmdir(fuse_req_t req, fuse_ino_t parent, const char* name);
+  void symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name);
+  void rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
+              const char* newname, unsigned int flags);
+  void link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname);
+  void open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+  void create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode, fuse_file_info* fi);
+  void read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi);
+  void write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off,
+             fuse_file_info* fi);
+  void release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+  void fsync(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* fi);
+  void opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+  void readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi,
+               bool plus);
+  void releasedir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi);
+  void fsyncdir(fuse_req_t req, fuse_ino_t ino, int datasync, fuse_file_info* fi);
+  void statfs(fuse_req_t req, fuse_ino_t ino);
+  void setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value, size_t size,
+                int flags);
+  void getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size);
+  void listxattr(fuse_req_t req, fuse_ino_t ino, size_t size);
+  void removexattr(fuse_req_t req, fuse_ino_t ino, const char* name);
+  void fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                 fuse_file_info* fi);
+
+ private:
+  Inode& inode_of(fuse_ino_t ino);
+  fuse_ino_t ino_of(Inode& inode);
+  // Looks `name` up under `parent`, taking one lookup reference; 0 or errno.
+  int do_lookup(Inode& parent, const char* name, fuse_entry_param* e);
+  int stat_inode(Inode& inode, struct stat* st);
+  bool reserved_name(fuse_ino_t parent, const char* name) const;
+  void reply_new_entry(fuse_req_t req, Inode& parent, const char* name);
+  void chown_to_caller(fuse_req_t req, int dirfd, const char* name);
+
+  // Data keys of regular files.
+  Result<std::shared_ptr<const FileKey>, int> load_key(Inode& inode, int fd);
+  // For a write or a size change: the key, creating the header first when
+  // the backing file is empty. Takes the exclusive content lock itself and
+  // returns holding it in `lock`.
+  Result<std::shared_ptr<const FileKey>, int> key_for_write(Inode& inode, int fd,
+                                                            std::unique_lock<std::shared_mutex>& lock);
+  void drop_key_if_closed(Inode& inode);
+  int truncate_locked(Inode& inode, int fd, std::uint64_t new_size,
+                      std::unique_lock<std::shared_mutex>& lock);
+
+  FileKeys& keys_;
+  FsSettings settings_;
+  Inode root_;
+  std::mutex table_mutex_;
+  // Guarded by table_mutex_. Keyed by the backing (st_dev, st_ino), so hard
+  // links share one Inode.
+  std::map<std::pair<dev_t, ino_t>, std::unique_ptr<Inode>> inodes_;
+};
+
+}  // namespace kmsfs::fs

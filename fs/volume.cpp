@@ -1,0 +1,359 @@
+#include "fs/volume.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+#include <spdlog/spdlog.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include "crypto/encoding.h"
+#include "crypto/random.h"
+#include "fs/filesystem.h"
+
+namespace kmsfs::fs {
+
+namespace {
+
+using json = nlohmann::json;
+
+std::shared_ptr<spdlog::logger> logger() {
+  static auto l = [] {
+    auto existing = spdlog::get("kmsfs.fs");
+    return existing ? existing : spdlog::default_logger()->clone("kmsfs.fs");
+  }();
+  return l;
+}
+
+// Feature flags this version understands. A volume naming any other flag is
+// refused: it was written by a newer kmsfs whose format this one would
+// misread.
+const std::set<std::string>& known_features() {
+  static const std::set<std::string> known{};
+  return known;
+}
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+Result<void, std::string> write_atomically(const std::string& dir, const std::string& name,
+                                           const std::string& content, mode_t mode) {
+  const std::string path = dir + "/" + name;
+  const std::string tmp = path + ".tmp";
+  UniqueFd fd(::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, mode));
+  if (!fd.valid()) return unexpected("cannot create " + tmp + ": " + errno_text(errno));
+  std::size_t done = 0;
+  while (done < content.size()) {
+    ssize_t n = ::write(fd.get(), content.data() + done, content.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      int err = errno;
+      ::unlink(tmp.c_str());
+      return unexpected("cannot write " + tmp + ": " + errno_text(err));
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  if (::fsync(fd.get()) != 0) {
+    int err = errno;
+    ::unlink(tmp.c_str());
+    return unexpected("cannot sync " + tmp + ": " + errno_text(err));
+  }
+  fd.reset();
+  if (::rename(tmp.c_str(), path.c_str()) != 0) {
+    int err = errno;
+    ::unlink(tmp.c_str());
+    return unexpected("cannot replace " + path + ": " + errno_text(err));
+  }
+  UniqueFd dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (dfd.valid()) (void)::fsync(dfd.get());
+  return {};
+}
+
+double now_seconds() {
+  using namespace std::chrono;
+  return duration<double>(system_clock::now().time_since_epoch()).count();
+}
+
+}  // namespace
+
+std::string VolumeConfig::filesystem_id_hex() const { return crypto::to_hex(filesystem_id); }
+
+Result<VolumeConfig, std::string> VolumeConfig::load(const std::string& cipherdir) {
+  const std::string path = cipherdir + "/" + kFileName;
+  std::ifstream in(path);
+  if (!in) {
+    return unexpected(path + ": cannot read (" + errno_text(errno) +
+                      "); is this a kmsfs cipher directory? Create one with `kmsfs init`");
+  }
+  std::stringstream ss;
+  ss << in.rdbuf();
+  json j;
+  try {
+    j = json::parse(ss.str());
+  } catch (const json::exception& e) {
+    return unexpected(path + ": not valid JSON: " + e.what());
+  }
+  if (!j.is_object()) return unexpected(path + ": not a JSON object");
+  try {
+    VolumeConfig c;
+    if (j.value("format", std::string()) != "kmsfs") {
+      return unexpected(path + ": \"format\" is not \"kmsfs\"");
+    }
+    c.format_version = j.at("format_version").get<int>();
+    if (c.format_version != kFormatVersion) {
+      return unexpected(path + ": format version " + std::to_string(c.format_version) +
+                        " is not supported by this kmsfs (it reads version " +
+                        std::to_string(kFormatVersion) + ")");
+    }
+    auto id = crypto::from_hex(j.at("filesystem_id").get<std::string>());
+    if (!id || id->size() != c.filesystem_id.size()) {
+      return unexpected(path + ": \"filesystem_id\" must be 32 hex digits");
+    }
+    std::memcpy(c.filesystem_id.data(), id->data(), c.filesystem_id.size());
+    c.key_id = j.at("key_id").get<std::string>();
+    if (c.key_id.empty()) return unexpected(path + ": \"key_id\" is empty");
+    c.block_size = j.at("block_size").get<std::uint32_t>();
+    if (c.block_size != 4096) {
+      return unexpected(path + ": block size " + std::to_string(c.block_size) +
+                        " is not supported (only 4096)");
+    }
+    c.features = j.value("features", std::vector<std::string>{});
+    for (const auto& f : c.features) {
+      if (known_features().count(f) == 0) {
+        return unexpected(path + ": feature \"" + f +
+                          "\" is not known to this kmsfs; upgrade kmsfs to mount this volume");
+      }
+    }
+    c.creation_date = j.value("creation_date", 0.0);
+    return c;
+  } catch (const json::exception& e) {
+    return unexpected(path + ": missing or malformed field: " + e.what());
+  }
+}
+
+Result<void, std::string> VolumeConfig::save(const std::string& cipherdir) const {
+  json j = {
+      {"format", "kmsfs"},
+      {"format_version", format_version},
+      {"filesystem_id", filesystem_id_hex()},
+      {"key_id", key_id},
+      {"block_size", block_size},
+      {"features", features},
+      {"creation_date", creation_date},
+  };
+  return write_atomically(cipherdir, kFileName, j.dump(2) + "\n", 0600);
+}
+
+Result<MountOptions, std::string> parse_mount_options(const std::string& opts, MountOptions base) {
+  std::stringstream ss(opts);
+  std::string item;
+  auto parse_seconds = [](const std::string& name, const std::string& v) -> Result<double, std::string> {
+    try {
+      std::size_t used = 0;
+      double d = std::stod(v, &used);
+      if (used != v.size() || d < 0) throw std::invalid_argument(v);
+      return d;
+    } catch (const std::exception&) {
+      return unexpected("mount option " + name + "=" + v + ": not a number of seconds");
+    }
+  };
+  while (std::getline(ss, item, ',')) {
+    if (item.empty()) continue;
+    const auto eq = item.find('=');
+    const std::string name = item.substr(0, eq);
+    const std::string value = eq == std::string::npos ? "" : item.substr(eq + 1);
+    const bool has_value = eq != std::string::npos;
+    auto flag = [&](bool& field, bool v) -> Result<void, std::string> {
+      if (has_value) return unexpected("mount option " + name + " takes no value");
+      field = v;
+      return {};
+    };
+    Result<void, std::string> r;
+    if (name == "ro") {
+      r = flag(base.read_only, true);
+    } else if (name == "rw") {
+      r = flag(base.read_only, false);
+    } else if (name == "allow_other") {
+      r = flag(base.allow_other, true);
+    } else if (name == "debug") {
+      r = flag(base.debug, true);
+    } else if (name == "kernel_cache") {
+      r = flag(base.kernel_cache, true);
+    } else if (name == "writeback_cache") {
+      r = flag(base.writeback_cache, true);
+    } else if (name == "no_writeback_cache") {
+      r = flag(base.writeback_cache, false);
+    } else if (name == "fsname") {
+      if (!has_value || value.empty()) return unexpected(std::string("mount option fsname needs a value"));
+      base.fsname = value;
+    } else if (name == "entry_timeout" || name == "attr_timeout") {
+      auto d = parse_seconds(name, value);
+      if (!d) return unexpected(d.error());
+      (name == "entry_timeout" ? base.entry_timeout : base.attr_timeout) = *d;
+    } else if (name == "max_threads") {
+      try {
+        int n = std::stoi(value);
+        if (n < 1 || n > 256) throw std::out_of_range(value);
+        base.max_threads = static_cast<unsigned>(n);
+      } catch (const std::exception&) {
+        return unexpected("mount option max_threads=" + value + ": not a number in 1..256");
+      }
+    } else if (name == "default_permissions" || name == "dev" || name == "suid" ||
+               name == "nodev" || name == "nosuid" || name == "exec" || name == "noexec" ||
+               name == "atime" || name == "noatime" || name == "relatime" || name == "auto" ||
+               name == "noauto" || name == "nofail" || name == "_netdev" || name == "user" ||
+               name == "users" || name == "defaults" || name.rfind("x-", 0) == 0) {
+      // Handled by mount(8)/systemd or always on (default_permissions).
+    } else {
+      return unexpected("unknown mount option \"" + name + "\"");
+    }
+    if (!r) return unexpected(r.error());
+  }
+  return base;
+}
+
+Result<VolumeConfig, std::string> init_volume(keyclient::KeyService& kms, const std::string& cipherdir,
+                                              const std::string& key_id) {
+  struct stat st {};
+  if (::stat(cipherdir.c_str(), &st) != 0) {
+    if (errno != ENOENT) return unexpected(cipherdir + ": " + errno_text(errno));
+    if (::mkdir(cipherdir.c_str(), 0700) != 0) {
+      return unexpected("cannot create " + cipherdir + ": " + errno_text(errno));
+    }
+  } else {
+    if (!S_ISDIR(st.st_mode)) return unexpected(cipherdir + ": not a directory");
+    UniqueDir d(::opendir(cipherdir.c_str()));
+    if (!d) return unexpected(cipherdir + ": " + errno_text(errno));
+    while (struct dirent* e = ::readdir(d.get())) {
+      if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0) {
+        return unexpected(cipherdir + ": not empty; kmsfs init needs an empty directory");
+      }
+    }
+  }
+  auto desc = kms.describe_key({key_id});
+  if (!desc) return unexpected("key " + key_id + ": " + desc.error().to_string());
+  if (desc->key_metadata.key_state != "Enabled") {
+    return unexpected("key " + key_id + " is " + desc->key_metadata.key_state +
+                      "; a volume needs an Enabled key");
+  }
+  VolumeConfig c;
+  crypto::random_bytes(c.filesystem_id);
+  c.key_id = desc->key_metadata.arn;
+  c.creation_date = now_seconds();
+  // Prove that the key can wrap and unwrap for this volume before writing
+  // anything, so that a policy or HSM problem shows up at init.
+  keyclient::GenerateDataKeyRequest probe;
+  probe.key_id = c.key_id;
+  probe.key_spec = "AES_256";
+  probe.encryption_context = {{"kmsfs:fs", c.filesystem_id_hex()}, {"kmsfs:file", "init-probe"}};
+  auto dk = kms.generate_data_key(probe);
+  if (!dk) return unexpected("key " + key_id + ": cannot generate a data key: " + dk.error().to_string());
+  keyclient::DecryptRequest back;
+  back.ciphertext_blob = dk->ciphertext_blob;
+  back.encryption_context = probe.encryption_context;
+  auto pt = kms.decrypt(back);
+  if (!pt) return unexpected("key " + key_id + ": cannot decrypt a data key: " + pt.error().to_string());
+  if (!(pt->plaintext == dk->plaintext)) {
+    return unexpected("key " + key_id + ": the KMS returned a different data key on decrypt");
+  }
+  if (auto r = c.save(cipherdir); !r) return unexpected(r.error());
+  return c;
+}
+
+struct Volume::Impl {
+  keyclient::KeyService& kms;
+  std::string cipherdir;
+  VolumeConfig config;
+};
+
+Volume::Volume(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Volume::~Volume() = default;
+
+const VolumeConfig& Volume::config() const { return impl_->config; }
+
+Result<std::unique_ptr<Volume>, std::string> Volume::open(keyclient::KeyService& kms,
+                                                          const std::string& cipherdir) {
+  auto config = VolumeConfig::load(cipherdir);
+  if (!config) return unexpected(config.error());
+  auto desc = kms.describe_key({config->key_id});
+  if (!desc) {
+    return unexpected("the volume's key " + config->key_id + " is unusable: " + desc.error().to_string());
+  }
+  if (desc->key_metadata.key_state != "Enabled") {
+    return unexpected("the volume's key " + config->key_id + " is " +
+                      desc->key_metadata.key_state + "; enable it to mount");
+  }
+  auto impl = std::make_unique<Impl>(Impl{kms, cipherdir, std::move(*config)});
+  return std::unique_ptr<Volume>(new Volume(std::move(impl)));
+}
+
+Result<void, std::string> Volume::serve(const std::string& mountpoint, const MountOptions& opts,
+                                        const std::function<void()>& on_ready) {
+  UniqueFd root(::open(impl_->cipherdir.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
+  if (!root.valid()) return unexpected(impl_->cipherdir + ": " + errno_text(errno));
+
+  FileKeys keys(impl_->kms, impl_->config.filesystem_id_hex(), impl_->config.key_id);
+  FsSettings settings;
+  settings.entry_timeout = opts.entry_timeout;
+  settings.attr_timeout = opts.attr_timeout;
+  settings.writeback_cache = opts.writeback_cache && !opts.read_only;
+  settings.kernel_cache = opts.kernel_cache;
+  settings.read_only = opts.read_only;
+  Filesystem filesystem(std::move(root), keys, settings);
+
+  // The fsname may not contain a comma (it would split the option string).
+  std::string fsname = opts.fsname.empty() ? "kmsfs:" + impl_->cipherdir : opts.fsname;
+  for (char& ch : fsname) {
+    if (ch == ',') ch = '_';
+  }
+  std::string o = "fsname=" + fsname + ",subtype=kmsfs,default_permissions";
+  if (opts.allow_other) o += ",allow_other";
+  if (opts.read_only) o += ",ro";
+  std::vector<std::string> argv_s{"kmsfs", "-o", o};
+  if (opts.debug) argv_s.emplace_back("-d");
+  std::vector<char*> argv;
+  for (auto& a : argv_s) argv.push_back(a.data());
+  fuse_args args = FUSE_ARGS_INIT(static_cast<int>(argv.size()), argv.data());
+
+  fuse_session* se = fuse_session_new(&args, &Filesystem::operations(),
+                                      sizeof(fuse_lowlevel_ops), &filesystem);
+  if (se == nullptr) return unexpected(std::string("cannot create the FUSE session"));
+  struct SessionGuard {
+    fuse_session* se;
+    bool mounted = false;
+    bool handlers = false;
+    ~SessionGuard() {
+      if (handlers) fuse_remove_signal_handlers(se);
+      if (mounted) fuse_session_unmount(se);
+      fuse_session_destroy(se);
+    }
+  } guard{se};
+  if (fuse_set_signal_handlers(se) != 0) return unexpected(std::string("cannot install signal handlers"));
+  guard.handlers = true;
+  if (fuse_session_mount(se, mountpoint.c_str()) != 0) {
+    return unexpected("cannot mount at " + mountpoint +
+                      " (is it an existing directory, and is /dev/fuse usable?)");
+  }
+  guard.mounted = true;
+  logger()->info("mounted {} at {}", impl_->cipherdir, mountpoint);
+  on_ready();
+
+  fuse_loop_config* cfg = fuse_loop_cfg_create();
+  fuse_loop_cfg_set_clone_fd(cfg, 1);
+  fuse_loop_cfg_set_max_threads(cfg, opts.max_threads);
+  int rc = fuse_session_loop_mt(se, cfg);
+  fuse_loop_cfg_destroy(cfg);
+  logger()->info("unmounting {}", mountpoint);
+  if (rc != 0 && rc != SIGINT && rc != SIGTERM && rc != SIGHUP) {
+    return unexpected("the FUSE session ended with an error (" + std::to_string(rc) + ")");
+  }
+  return {};
+}
+
+}  // namespace kmsfs::fs
