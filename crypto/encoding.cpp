@@ -92,6 +92,9 @@ std::optional<std::vector<std::uint8_t>> from_base64(std::string_view in) {
       }
     }
     std::uint32_t w = (v[0] << 18) | (v[1] << 12) | (v[2] << 6) | v[3];
+    // Canonical form only: the bits that padding drops must be zero, so each
+    // byte string has exactly one accepted spelling ("Zh==" is not "f").
+    if ((pad == 1 && (w & 0xff) != 0) || (pad == 2 && (w & 0xffff) != 0)) return std::nullopt;
     out.push_back(static_cast<std::uint8_t>(w >> 16));
     if (pad < 2) out.push_back(static_cast<std::uint8_t>(w >> 8));
     if (pad < 1) out.push_back(static_cast<std::uint8_t>(w));

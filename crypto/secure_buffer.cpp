@@ -2,38 +2,94 @@
 
 #include <openssl/crypto.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <new>
+#include <unordered_map>
 #include <utility>
 
 namespace kmsfs::crypto {
 
 namespace {
 
+// mlock/munlock do not nest: the kernel keeps one "locked" bit per page, and
+// one munlock unlocks the whole page. Small buffers share heap pages with
+// each other, so freeing one secret used to unlock the page under a
+// neighbouring live secret. The lock is therefore counted per page: a page
+// is locked (and excluded from core dumps) when its first secure buffer
+// arrives and unlocked when its last one goes. This table is process-wide
+// because page locks are process-wide; it is not a service locator.
+class PageLocks {
+ public:
+  void acquire(std::uintptr_t addr, std::size_t n) {
+    std::lock_guard<std::mutex> guard(mu_);
+    for (std::uintptr_t page = first_page(addr); page < end_page(addr, n); page += page_size_) {
+      if (count_[page]++ == 0) lock_page(page);
+    }
+  }
+  void release(std::uintptr_t addr, std::size_t n) {
+    std::lock_guard<std::mutex> guard(mu_);
+    for (std::uintptr_t page = first_page(addr); page < end_page(addr, n); page += page_size_) {
+      auto it = count_.find(page);
+      if (it == count_.end()) continue;  // cannot happen: acquire counted it
+      if (--it->second == 0) {
+        count_.erase(it);
+        unlock_page(page);
+      }
+    }
+  }
+
+ private:
+  std::uintptr_t first_page(std::uintptr_t addr) const { return addr & ~(page_size_ - 1); }
+  std::uintptr_t end_page(std::uintptr_t addr, std::size_t n) const {
+    return (addr + n + page_size_ - 1) & ~(page_size_ - 1);
+  }
+  // The page's lock state must change together with its count, so these run
+  // under mu_. mlock/munlock/madvise on resident heap pages do no I/O and
+  // take no other lock of ours, so holding mu_ here cannot deadlock.
+  void lock_page(std::uintptr_t page) const {
+    // Best effort: an unprivileged process may exceed RLIMIT_MEMLOCK. The
+    // buffer is still cleansed on free; the failure is not an error.
+    (void)::mlock(reinterpret_cast<void*>(page), page_size_);
+#ifdef MADV_DONTDUMP
+    (void)::madvise(reinterpret_cast<void*>(page), page_size_, MADV_DONTDUMP);
+#endif
+  }
+  void unlock_page(std::uintptr_t page) const {
+    (void)::munlock(reinterpret_cast<void*>(page), page_size_);
+#ifdef MADV_DODUMP
+    (void)::madvise(reinterpret_cast<void*>(page), page_size_, MADV_DODUMP);
+#endif
+  }
+
+  const std::uintptr_t page_size_ = static_cast<std::uintptr_t>(::sysconf(_SC_PAGESIZE));
+  std::mutex mu_;
+  std::unordered_map<std::uintptr_t, std::size_t> count_;  // guarded by mu_
+};
+
+PageLocks& page_locks() {
+  // Never destroyed: secure buffers with static storage duration may be
+  // freed after this function's statics would have been.
+  static PageLocks* const locks = new PageLocks();
+  return *locks;
+}
+
 std::uint8_t* allocate(std::size_t n) {
   if (n == 0) return nullptr;
   void* p = std::malloc(n);
   if (p == nullptr) throw std::bad_alloc();
-  // Best effort: an unprivileged process may exceed RLIMIT_MEMLOCK. The
-  // buffer is still cleansed on free; the failure is not an error.
-  (void)::mlock(p, n);
-#ifdef MADV_DONTDUMP
-  // madvise needs page alignment; only whole pages inside the block qualify.
-  auto start = reinterpret_cast<std::uintptr_t>(p);
-  const std::uintptr_t page = 4096;
-  std::uintptr_t first = (start + page - 1) & ~(page - 1);
-  std::uintptr_t last = (start + n) & ~(page - 1);
-  if (last > first) (void)::madvise(reinterpret_cast<void*>(first), last - first, MADV_DONTDUMP);
-#endif
+  page_locks().acquire(reinterpret_cast<std::uintptr_t>(p), n);
   return static_cast<std::uint8_t*>(p);
 }
 
 void release(std::uint8_t* p, std::size_t n) {
   if (p == nullptr) return;
   OPENSSL_cleanse(p, n);
-  (void)::munlock(p, n);
+  page_locks().release(reinterpret_cast<std::uintptr_t>(p), n);
   std::free(p);
 }
 

@@ -1,0 +1,211 @@
+#include "crypto/secure_buffer.h"
+
+#include <gtest/gtest.h>
+
+#include <cstdint>
+#include <fstream>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace kmsfs::crypto {
+namespace {
+
+TEST(SecureBuffer, DefaultIsEmpty) {
+  SecureBuffer b;
+  EXPECT_TRUE(b.empty());
+  EXPECT_EQ(b.size(), 0u);
+  EXPECT_EQ(b.data(), nullptr);
+  EXPECT_TRUE(b.span().empty());
+  EXPECT_EQ(b.view(), "");
+}
+
+TEST(SecureBuffer, SizedIsZeroFilled) {
+  SecureBuffer b(32);
+  ASSERT_EQ(b.size(), 32u);
+  for (std::uint8_t c : b.span()) EXPECT_EQ(c, 0);
+}
+
+TEST(SecureBuffer, CopiesFromBytesAndString) {
+  const std::uint8_t raw[] = {1, 2, 3, 4};
+  SecureBuffer a(raw, sizeof raw);
+  EXPECT_EQ(a.size(), 4u);
+  EXPECT_EQ(a.data()[3], 4);
+  SecureBuffer b = SecureBuffer::from(std::span<const std::uint8_t>(raw));
+  EXPECT_EQ(a, b);
+  SecureBuffer s = SecureBuffer::from_string("pin-1234");
+  EXPECT_EQ(s.view(), "pin-1234");
+  EXPECT_NE(static_cast<const void*>(s.data()), nullptr);
+}
+
+TEST(SecureBuffer, FromEmptyStringIsEmpty) {
+  SecureBuffer s = SecureBuffer::from_string("");
+  EXPECT_TRUE(s.empty());
+}
+
+TEST(SecureBuffer, MoveConstructionTransfersOwnership) {
+  SecureBuffer a = SecureBuffer::from_string("secret");
+  const std::uint8_t* p = a.data();
+  SecureBuffer b(std::move(a));
+  EXPECT_EQ(b.data(), p);
+  EXPECT_EQ(b.view(), "secret");
+  EXPECT_TRUE(a.empty());  // NOLINT(bugprone-use-after-move): moved-from state is specified
+  EXPECT_EQ(a.data(), nullptr);
+}
+
+TEST(SecureBuffer, MoveAssignmentReleasesOldContents) {
+  SecureBuffer a = SecureBuffer::from_string("first");
+  SecureBuffer b = SecureBuffer::from_string("second secret");
+  b = std::move(a);
+  EXPECT_EQ(b.view(), "first");
+  EXPECT_TRUE(a.empty());  // NOLINT(bugprone-use-after-move)
+}
+
+TEST(SecureBuffer, SelfMoveAssignmentKeepsContents) {
+  SecureBuffer a = SecureBuffer::from_string("keep");
+  SecureBuffer& alias = a;
+  a = std::move(alias);
+  EXPECT_EQ(a.view(), "keep");
+}
+
+TEST(SecureBuffer, CloneIsDeepAndIndependent) {
+  SecureBuffer a = SecureBuffer::from_string("abcdef");
+  SecureBuffer c = a.clone();
+  EXPECT_EQ(a, c);
+  EXPECT_NE(a.data(), c.data());
+  c.data()[0] = 'X';
+  EXPECT_EQ(a.view(), "abcdef");
+  EXPECT_EQ(c.view(), "Xbcdef");
+  EXPECT_FALSE(a == c);
+}
+
+TEST(SecureBuffer, CloneOfEmptyIsEmpty) {
+  SecureBuffer a;
+  EXPECT_TRUE(a.clone().empty());
+}
+
+TEST(SecureBuffer, ShrinkCleansTail) {
+  SecureBuffer a = SecureBuffer::from_string("0123456789");
+  std::uint8_t* p = a.data();
+  a.shrink(4);
+  EXPECT_EQ(a.size(), 4u);
+  EXPECT_EQ(a.view(), "0123");
+  EXPECT_EQ(a.data(), p) << "shrink must not reallocate";
+  // The tail is still owned by the buffer (capacity), so reading it is defined.
+  for (std::size_t i = 4; i < 10; ++i) EXPECT_EQ(p[i], 0) << i;
+}
+
+TEST(SecureBuffer, ShrinkNeverGrows) {
+  SecureBuffer a = SecureBuffer::from_string("abc");
+  a.shrink(10);
+  EXPECT_EQ(a.size(), 3u);
+  a.shrink(3);
+  EXPECT_EQ(a.view(), "abc");
+  a.shrink(0);
+  EXPECT_TRUE(a.empty());
+}
+
+TEST(SecureBuffer, ShrunkBufferClonesOnlyLogicalSize) {
+  SecureBuffer a = SecureBuffer::from_string("abcdef");
+  a.shrink(2);
+  SecureBuffer c = a.clone();
+  EXPECT_EQ(c.size(), 2u);
+  EXPECT_EQ(c.view(), "ab");
+}
+
+TEST(SecureBuffer, ClearEmptiesAndIsRepeatable) {
+  SecureBuffer a = SecureBuffer::from_string("gone");
+  a.clear();
+  EXPECT_TRUE(a.empty());
+  EXPECT_EQ(a.data(), nullptr);
+  a.clear();
+  EXPECT_TRUE(a.empty());
+}
+
+TEST(SecureBuffer, ComparesContentAndSize) {
+  EXPECT_EQ(SecureBuffer::from_string("abc"), SecureBuffer::from_string("abc"));
+  EXPECT_FALSE(SecureBuffer::from_string("abc") == SecureBuffer::from_string("abd"));
+  EXPECT_FALSE(SecureBuffer::from_string("abc") == SecureBuffer::from_string("abcd"));
+  EXPECT_FALSE(SecureBuffer::from_string("") == SecureBuffer::from_string("a"));
+  EXPECT_EQ(SecureBuffer(), SecureBuffer::from_string(""));
+  EXPECT_EQ(SecureBuffer(), SecureBuffer(0));
+}
+
+TEST(SecureBuffer, PrintsRedacted) {
+  SecureBuffer a = SecureBuffer::from_string("hunter2");
+  std::ostringstream os;
+  os << a;
+  EXPECT_EQ(os.str(), "<redacted>");
+  EXPECT_EQ(os.str().find("hunter2"), std::string::npos);
+  std::ostringstream empty;
+  empty << SecureBuffer();
+  EXPECT_EQ(empty.str(), "<redacted>");
+}
+
+// Locked memory of this process in KiB, from /proc/self/status (VmLck).
+long locked_kib() {
+  std::ifstream in("/proc/self/status");
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("VmLck:", 0) == 0) return std::stol(line.substr(6));
+  }
+  return -1;
+}
+
+TEST(SecureBuffer, LocksItsMemory) {
+  long before = locked_kib();
+  if (before < 0) GTEST_SKIP() << "no VmLck in /proc/self/status";
+  SecureBuffer a(32);
+  long during = locked_kib();
+  if (during == before) GTEST_SKIP() << "mlock refused here (RLIMIT_MEMLOCK); best effort by design";
+  EXPECT_GT(during, before);
+}
+
+TEST(SecureBuffer, FreeingOneBufferKeepsNeighbourOnSamePageLocked) {
+  // mlock/munlock do not nest: one munlock unlocks the whole page. Two small
+  // secrets sharing a page must stay locked until the last one is freed.
+  const long base = locked_kib();
+  if (base < 0) GTEST_SKIP() << "no VmLck in /proc/self/status";
+  {
+    SecureBuffer probe(32);
+    if (locked_kib() == base) GTEST_SKIP() << "mlock refused here; best effort by design";
+  }
+  const std::uintptr_t kPage = 4096;
+  std::vector<std::unique_ptr<SecureBuffer>> pool;
+  SecureBuffer* first = nullptr;
+  SecureBuffer* second = nullptr;
+  for (int i = 0; i < 512 && second == nullptr; ++i) {
+    pool.push_back(std::make_unique<SecureBuffer>(32));
+    auto page = reinterpret_cast<std::uintptr_t>(pool.back()->data()) / kPage;
+    auto last = (reinterpret_cast<std::uintptr_t>(pool.back()->data()) + 31) / kPage;
+    if (page != last) continue;
+    for (auto& other : pool) {
+      if (other.get() == pool.back().get()) continue;
+      auto op = reinterpret_cast<std::uintptr_t>(other->data());
+      if (op / kPage == page && (op + 31) / kPage == page) {
+        first = other.get();
+        second = pool.back().get();
+        break;
+      }
+    }
+  }
+  if (second == nullptr) GTEST_SKIP() << "allocator never placed two buffers on one page";
+  // Keep only the pair alive.
+  std::unique_ptr<SecureBuffer> keep_first, keep_second;
+  for (auto& p : pool) {
+    if (p.get() == first) keep_first = std::move(p);
+    if (p.get() == second) keep_second = std::move(p);
+  }
+  pool.clear();
+  const long with_pair = locked_kib();
+  ASSERT_GT(with_pair, base);
+  keep_first.reset();
+  EXPECT_GT(locked_kib(), base) << "freeing one buffer unlocked its neighbour's page";
+  keep_second.reset();
+  EXPECT_EQ(locked_kib(), base);
+}
+
+}  // namespace
+}  // namespace kmsfs::crypto
