@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Installs everything kmsfs needs to build, test and run its demo on Debian 12
+# (bookworm). Idempotent: when every package is already installed it does not
+# touch apt at all (no `apt-get update`). Non-interactive. Needs root, or a
+# user who may run sudo.
+set -euo pipefail
+
+PACKAGES=(
+  # toolchain
+  build-essential cmake pkg-config git ca-certificates
+  # libraries (headers + pkg-config / CMake files)
+  libfuse3-dev libssl-dev libboost-program-options-dev libspdlog-dev
+  libgtest-dev libgmock-dev nlohmann-json3-dev libp11-kit-dev libsystemd-dev
+  # run time: FUSE mount helper, the PKCS#11 HSM and its tools
+  fuse3 softhsm2 opensc openssl
+  # demo and tests: hexdump (bsdextrautils), xxd, mountpoint (util-linux), ps/pgrep (procps)
+  bsdextrautils xxd util-linux procps
+)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+  status=$(dpkg-query -W -f='${db:Status-Status}' "$pkg" 2>/dev/null || true)
+  [[ $status == installed ]] || missing+=("$pkg")
+done
+
+if ((${#missing[@]} == 0)); then
+  echo "install-deps: all ${#PACKAGES[@]} packages already installed"
+  exit 0
+fi
+
+if ((EUID == 0)); then
+  SUDO=()
+elif command -v sudo >/dev/null 2>&1; then
+  SUDO=(sudo)
+else
+  echo "install-deps: missing packages: ${missing[*]}" >&2
+  echo "install-deps: run as root (or install sudo) so that they can be installed" >&2
+  exit 1
+fi
+
+echo "install-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update -q
+"${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+echo "install-deps: done"

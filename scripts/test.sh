@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# README set-up command 2 (and what .ci/run runs): installs what is missing,
+# builds with warnings as errors and runs the whole test suite, then does the
+# same in an ASan+UBSan build. Exits non-zero if any step fails; prints a
+# summary either way.
+#
+# Environment (optional): KMSFS_BUILD_DIR (default build/), KMSFS_ASAN_BUILD_DIR
+# (default build-asan/), KMSFS_JOBS (build parallelism, default nproc),
+# CTEST_PARALLEL_LEVEL (test parallelism, default 1).
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+BUILD_DIR=${KMSFS_BUILD_DIR:-$ROOT/build}
+ASAN_DIR=${KMSFS_ASAN_BUILD_DIR:-$ROOT/build-asan}
+
+declare -a SUMMARY=()
+FAILED=0
+step() {  # step NAME COMMAND...: runs, records PASS/FAIL
+  local name=$1; shift
+  echo
+  echo "=== $name"
+  local start=$SECONDS
+  if "$@"; then
+    SUMMARY+=("PASS  $name ($((SECONDS - start))s)")
+    return 0
+  else
+    local rc=$?
+    SUMMARY+=("FAIL  $name (exit $rc, $((SECONDS - start))s)")
+    FAILED=1
+    return "$rc"
+  fi
+}
+skip() { SUMMARY+=("SKIP  $1"); }
+
+print_summary() {
+  echo
+  echo "=== summary"
+  local line
+  for line in "${SUMMARY[@]}"; do echo "  $line"; done
+  if ((FAILED)); then echo "RESULT: FAILED"; else echo "RESULT: all passed"; fi
+}
+
+# Sanitizer settings for every process the ASan tests start (the tools the
+# integration tests drive inherit them). halt_on_error: the first report
+# fails the test instead of scrolling past.
+export ASAN_OPTIONS_DEFAULT="halt_on_error=1:abort_on_error=0:detect_leaks=1:detect_stack_use_after_return=1:check_initialization_order=1:strict_init_order=1"
+export UBSAN_OPTIONS_DEFAULT="halt_on_error=1:print_stacktrace=1"
+
+# LeakSanitizer stops the world with ptrace-like machinery; under a tracer
+# (strace, gdb, some sandboxes) it cannot work and fails every process at
+# exit. Probe once with a real ASan binary and turn leak checking off, loudly,
+# if it cannot run here.
+lsan_probe() {
+  local probe
+  probe=$(find "$ASAN_DIR" -type f -name 'crypto_unit_tests' -perm -u+x 2>/dev/null | head -n 1)
+  [[ -n $probe ]] || return 0
+  local out
+  out=$(ASAN_OPTIONS=detect_leaks=1 "$probe" --gtest_filter='SecureBuffer.DefaultIsEmpty' 2>&1)
+  if grep -q "LeakSanitizer has encountered a fatal error\|LeakSanitizer does not work under ptrace" <<<"$out"; then
+    echo "NOTE: LeakSanitizer cannot run here (ptrace restrictions or a tracer); running with detect_leaks=0"
+    ASAN_OPTIONS_DEFAULT=${ASAN_OPTIONS_DEFAULT/detect_leaks=1/detect_leaks=0}
+    SUMMARY+=("NOTE  LeakSanitizer unavailable here: leak checking was off")
+  fi
+}
+
+run_ctest() {  # run_ctest BUILD_DIR
+  ctest --test-dir "$1" --output-on-failure --no-tests=error --timeout 600
+}
+
+run_asan_ctest() {
+  ASAN_OPTIONS=${ASAN_OPTIONS:-$ASAN_OPTIONS_DEFAULT} \
+  UBSAN_OPTIONS=${UBSAN_OPTIONS:-$UBSAN_OPTIONS_DEFAULT} \
+    ctest --test-dir "$ASAN_DIR" --output-on-failure --no-tests=error --timeout 900
+}
+
+trap print_summary EXIT
+
+if ! step "install dependencies" bash scripts/install-deps.sh; then
+  exit 1  # nothing else can work; the summary prints on exit
+fi
+
+if step "build (warnings as errors) in ${BUILD_DIR#"$ROOT"/}" \
+    bash scripts/build.sh --werror --build-dir "$BUILD_DIR"; then
+  step "tests in ${BUILD_DIR#"$ROOT"/}" run_ctest "$BUILD_DIR"
+else
+  skip "tests in ${BUILD_DIR#"$ROOT"/} (build failed)"
+fi
+
+if step "build ASan+UBSan (warnings as errors) in ${ASAN_DIR#"$ROOT"/}" \
+    bash scripts/build.sh --asan --werror --build-dir "$ASAN_DIR"; then
+  lsan_probe
+  step "tests under ASan+UBSan in ${ASAN_DIR#"$ROOT"/}" run_asan_ctest
+else
+  skip "tests under ASan+UBSan (build failed)"
+fi
+
+exit "$FAILED"
