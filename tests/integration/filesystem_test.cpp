@@ -1,0 +1,488 @@
+// Real mounts, real syscalls: the filesystem as an application sees it.
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <sys/xattr.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "tests/integration/mount_fixture.h"
+
+namespace kmsfs::test {
+namespace {
+
+class FilesystemTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    kms_ = new TempKms();
+    vol_ = new Mount(kms_->root(), "main");
+    vol_->mount();
+  }
+  static void TearDownTestSuite() {
+    delete vol_;
+    vol_ = nullptr;
+    delete kms_;
+    kms_ = nullptr;
+  }
+  void SetUp() override {
+    ASSERT_TRUE(vol_->mounted());
+    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
+    dir_ = std::string(info->name());
+    ASSERT_EQ(::mkdir(vol_->path(dir_).c_str(), 0755), 0) << std::strerror(errno);
+  }
+  std::string p(const std::string& rel) const { return vol_->path(dir_ + "/" + rel); }
+  // The backing file of a plaintext-named file (format version 1 keeps names).
+  std::string backing(const std::string& rel) const { return vol_->cipher() + "/" + dir_ + "/" + rel; }
+
+  static TempKms* kms_;
+  static Mount* vol_;
+  std::string dir_;
+};
+TempKms* FilesystemTest::kms_ = nullptr;
+Mount* FilesystemTest::vol_ = nullptr;
+
+struct Fd {
+  int fd;
+  explicit Fd(int f) : fd(f) {}
+  ~Fd() {
+    if (fd >= 0) ::close(fd);
+  }
+};
+
+struct AlignedBlock {
+  char* data = nullptr;
+  explicit AlignedBlock(char fill) {
+    if (::posix_memalign(reinterpret_cast<void**>(&data), 4096, 4096) != 0) throw std::bad_alloc();
+    std::memset(data, fill, 4096);
+  }
+  ~AlignedBlock() { std::free(data); }
+  AlignedBlock(const AlignedBlock&) = delete;
+  AlignedBlock& operator=(const AlignedBlock&) = delete;
+};
+
+ssize_t pwrite_all(int fd, const void* buf, size_t n, off_t off) {
+  size_t done = 0;
+  while (done < n) {
+    ssize_t w = ::pwrite(fd, static_cast<const char*>(buf) + done, n - done, off + static_cast<off_t>(done));
+    if (w < 0) return w;
+    done += static_cast<size_t>(w);
+  }
+  return static_cast<ssize_t>(done);
+}
+
+TEST_F(FilesystemTest, RoundTripsEdgeSizes) {
+  for (size_t size : {0UL, 1UL, 4095UL, 4096UL, 4097UL, 8192UL, 3 * 4096UL + 17, 1UL << 20}) {
+    auto data = random_bytes(size, static_cast<std::uint32_t>(size));
+    std::string f = p("f" + std::to_string(size));
+    write_file(f, data);
+    EXPECT_EQ(read_file(f), data) << "size " << size;
+    struct stat st {};
+    ASSERT_EQ(::stat(f.c_str(), &st), 0);
+    EXPECT_EQ(static_cast<size_t>(st.st_size), size);
+  }
+}
+
+TEST_F(FilesystemTest, RandomOffsetWritesMatchReference) {
+  const size_t kSize = 10 << 20;
+  std::vector<std::uint8_t> ref(kSize, 0);
+  std::string f = p("random");
+  Fd fd(::open(f.c_str(), O_RDWR | O_CREAT, 0644));
+  ASSERT_GE(fd.fd, 0);
+  std::mt19937 rng(42);
+  size_t end = 0;
+  for (int i = 0; i < 400; ++i) {
+    size_t off = rng() % kSize;
+    size_t len = std::min<size_t>(1 + rng() % 70000, kSize - off);
+    auto chunk = random_bytes(len, static_cast<std::uint32_t>(i));
+    ASSERT_EQ(pwrite_all(fd.fd, chunk.data(), len, static_cast<off_t>(off)), static_cast<ssize_t>(len));
+    std::copy(chunk.begin(), chunk.end(), ref.begin() + static_cast<long>(off));
+    end = std::max(end, off + len);
+  }
+  ref.resize(end);
+  ASSERT_EQ(::fsync(fd.fd), 0);
+  EXPECT_EQ(read_file(f), ref);
+  // Also after the kernel's page cache is gone: read through a fresh open
+  // with O_DIRECT-free path by dropping caches for this file.
+  ASSERT_EQ(::posix_fadvise(fd.fd, 0, 0, POSIX_FADV_DONTNEED), 0);
+  std::vector<std::uint8_t> back(end);
+  ASSERT_EQ(::pread(fd.fd, back.data(), end, 0), static_cast<ssize_t>(end));
+  EXPECT_EQ(back, ref);
+}
+
+TEST_F(FilesystemTest, NoPlaintextInBackingDir) {
+  std::string marker = "KMSFS-PLAINTEXT-MARKER-";
+  std::string text;
+  for (int i = 0; i < 2000; ++i) text += marker + std::to_string(i) + "\n";
+  write_file(p("secret.txt"), std::vector<std::uint8_t>(text.begin(), text.end()));
+  for (const auto& f : list_files(vol_->cipher())) {
+    EXPECT_FALSE(contains(read_file(f), marker)) << f << " holds plaintext";
+  }
+  auto stored = read_file(backing("secret.txt"));
+  EXPECT_GT(stored.size(), text.size());
+  EXPECT_EQ(std::string(stored.begin(), stored.begin() + 8), "KMSFSHDR");
+}
+
+TEST_F(FilesystemTest, IdenticalFilesGiveDifferentCiphertext) {
+  auto data = random_bytes(10000, 7);
+  write_file(p("a"), data);
+  write_file(p("b"), data);
+  auto a = read_file(backing("a"));
+  auto b = read_file(backing("b"));
+  ASSERT_EQ(a.size(), b.size());
+  EXPECT_NE(a, b);
+  // Not even one 4 KiB block's ciphertext repeats.
+  EXPECT_NE(std::vector<std::uint8_t>(a.begin() + 128, a.begin() + 128 + 4124),
+            std::vector<std::uint8_t>(b.begin() + 128, b.begin() + 128 + 4124));
+}
+
+TEST_F(FilesystemTest, TruncateUpAndDownKeepsContentAndHolesReadZero) {
+  auto data = random_bytes(10000, 3);
+  std::string f = p("t");
+  write_file(f, data);
+  ASSERT_EQ(::truncate(f.c_str(), 5000), 0);
+  data.resize(5000);
+  EXPECT_EQ(read_file(f), data);
+  ASSERT_EQ(::truncate(f.c_str(), 3 << 20), 0);
+  data.resize(3 << 20, 0);
+  EXPECT_EQ(read_file(f), data);
+  ASSERT_EQ(::truncate(f.c_str(), 4096), 0);
+  data.resize(4096);
+  EXPECT_EQ(read_file(f), data);
+  ASSERT_EQ(::truncate(f.c_str(), 0), 0);
+  EXPECT_TRUE(read_file(f).empty());
+  struct stat st {};
+  ASSERT_EQ(::stat(backing("t").c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 0) << "an empty file keeps no header";
+}
+
+TEST_F(FilesystemTest, WritePastEofLeavesSparseHole) {
+  std::string f = p("sparse");
+  Fd fd(::open(f.c_str(), O_RDWR | O_CREAT, 0644));
+  ASSERT_GE(fd.fd, 0);
+  ASSERT_EQ(pwrite_all(fd.fd, "head", 4, 0), 4);
+  const off_t far = 64L << 20;
+  ASSERT_EQ(pwrite_all(fd.fd, "tail", 4, far), 4);
+  ASSERT_EQ(::fsync(fd.fd), 0);
+  std::vector<char> buf(8192);
+  ASSERT_EQ(::pread(fd.fd, buf.data(), buf.size(), 1 << 20), 8192);
+  EXPECT_TRUE(std::all_of(buf.begin(), buf.end(), [](char c) { return c == 0; }));
+  ASSERT_EQ(::pread(fd.fd, buf.data(), 4, 0), 4);
+  EXPECT_EQ(std::string(buf.data(), 4), "head");
+  ASSERT_EQ(::pread(fd.fd, buf.data(), 4, far), 4);
+  EXPECT_EQ(std::string(buf.data(), 4), "tail");
+  struct stat st {};
+  ASSERT_EQ(::stat(backing("sparse").c_str(), &st), 0);
+  EXPECT_LT(st.st_blocks * 512, 1 << 20) << "the hole should stay sparse in the backing file";
+  ASSERT_EQ(::fstat(fd.fd, &st), 0);
+  EXPECT_EQ(st.st_size, far + 4);
+}
+
+TEST_F(FilesystemTest, DataSurvivesRemount) {
+  auto data = random_bytes(123457, 11);
+  write_file(p("persist"), data);
+  ASSERT_EQ(::symlink("persist", p("link").c_str()), 0);
+  vol_->unmount();
+  vol_->mount();
+  EXPECT_EQ(read_file(p("persist")), data);
+  char target[64] = {};
+  ASSERT_EQ(::readlink(p("link").c_str(), target, sizeof target - 1), 7);
+  EXPECT_STREQ(target, "persist");
+}
+
+TEST_F(FilesystemTest, FlippedCiphertextBitGivesEioOnThatFileOnly) {
+  auto data = random_bytes(20000, 5);
+  write_file(p("victim"), data);
+  write_file(p("healthy"), data);
+  vol_->unmount();
+  {
+    std::fstream f(backing("victim"), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(128 + 4124 + 100);  // inside block 1's ciphertext
+    char c = 0;
+    f.read(&c, 1);
+    c ^= 0x01;
+    f.seekp(128 + 4124 + 100);
+    f.write(&c, 1);
+  }
+  vol_->mount();
+  Fd fd(::open(p("victim").c_str(), O_RDONLY));
+  ASSERT_GE(fd.fd, 0);
+  std::vector<char> buf(4096);
+  EXPECT_EQ(::pread(fd.fd, buf.data(), 4096, 0), 4096) << "block 0 is intact";
+  errno = 0;
+  EXPECT_EQ(::pread(fd.fd, buf.data(), 4096, 4096), -1);
+  EXPECT_EQ(errno, EIO);
+  EXPECT_EQ(read_file(p("healthy")), data);
+}
+
+TEST_F(FilesystemTest, CorruptHeaderFailsOpenOfThatFileOnly) {
+  write_file(p("badheader"), random_bytes(5000, 1));
+  write_file(p("goodheader"), random_bytes(5000, 2));
+  vol_->unmount();
+  {
+    std::fstream f(backing("badheader"), std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(40);  // inside the wrapped data key
+    char c = 0x55;
+    f.write(&c, 1);
+  }
+  vol_->mount();
+  errno = 0;
+  EXPECT_EQ(::open(p("badheader").c_str(), O_RDONLY), -1);
+  EXPECT_EQ(errno, EIO);
+  EXPECT_EQ(read_file(p("goodheader")), random_bytes(5000, 2));
+}
+
+TEST_F(FilesystemTest, TruncatedHeaderFailsOpen) {
+  write_file(p("short"), random_bytes(5000, 9));
+  vol_->unmount();
+  ASSERT_EQ(::truncate(backing("short").c_str(), 60), 0);
+  vol_->mount();
+  errno = 0;
+  EXPECT_EQ(::open(p("short").c_str(), O_RDONLY), -1);
+  EXPECT_EQ(errno, EIO);
+}
+
+TEST_F(FilesystemTest, RenameVariants) {
+  write_file(p("a"), {'a'});
+  write_file(p("b"), {'b'});
+  ASSERT_EQ(::rename(p("a").c_str(), p("b").c_str()), 0);
+  EXPECT_EQ(read_file(p("b")), std::vector<std::uint8_t>{'a'});
+  EXPECT_NE(::access(p("a").c_str(), F_OK), 0);
+
+  write_file(p("c"), {'c'});
+  EXPECT_EQ(::renameat2(AT_FDCWD, p("c").c_str(), AT_FDCWD, p("b").c_str(), RENAME_NOREPLACE), -1);
+  EXPECT_EQ(errno, EEXIST);
+  ASSERT_EQ(::renameat2(AT_FDCWD, p("c").c_str(), AT_FDCWD, p("b").c_str(), RENAME_EXCHANGE), 0);
+  EXPECT_EQ(read_file(p("b")), std::vector<std::uint8_t>{'c'});
+  EXPECT_EQ(read_file(p("c")), std::vector<std::uint8_t>{'a'});
+
+  ASSERT_EQ(::mkdir(p("sub").c_str(), 0755), 0);
+  ASSERT_EQ(::rename(p("c").c_str(), p("sub/moved").c_str()), 0);
+  EXPECT_EQ(read_file(p("sub/moved")), std::vector<std::uint8_t>{'a'});
+  ASSERT_EQ(::rename(p("sub").c_str(), p("sub2").c_str()), 0);
+  EXPECT_EQ(read_file(p("sub2/moved")), std::vector<std::uint8_t>{'a'});
+}
+
+TEST_F(FilesystemTest, RenameOfOpenFileKeepsWorking) {
+  Fd fd(::open(p("open").c_str(), O_RDWR | O_CREAT, 0644));
+  ASSERT_GE(fd.fd, 0);
+  ASSERT_EQ(pwrite_all(fd.fd, "before", 6, 0), 6);
+  ASSERT_EQ(::rename(p("open").c_str(), p("renamed").c_str()), 0);
+  ASSERT_EQ(pwrite_all(fd.fd, "after", 5, 6), 5);
+  ASSERT_EQ(::fsync(fd.fd), 0);
+  auto got = read_file(p("renamed"));
+  EXPECT_EQ(std::string(got.begin(), got.end()), "beforeafter");
+  vol_->unmount();
+  vol_->mount();
+  got = read_file(p("renamed"));
+  EXPECT_EQ(std::string(got.begin(), got.end()), "beforeafter");
+}
+
+TEST_F(FilesystemTest, HardLinksShareContent) {
+  write_file(p("orig"), {'1', '2', '3'});
+  ASSERT_EQ(::link(p("orig").c_str(), p("hard").c_str()), 0);
+  struct stat st {};
+  ASSERT_EQ(::stat(p("orig").c_str(), &st), 0);
+  EXPECT_EQ(st.st_nlink, 2U);
+  {
+    Fd fd(::open(p("hard").c_str(), O_WRONLY | O_APPEND));
+    ASSERT_GE(fd.fd, 0);
+    ASSERT_EQ(::write(fd.fd, "45", 2), 2);
+  }
+  auto got = read_file(p("orig"));
+  EXPECT_EQ(std::string(got.begin(), got.end()), "12345");
+  ASSERT_EQ(::unlink(p("orig").c_str()), 0);
+  got = read_file(p("hard"));
+  EXPECT_EQ(std::string(got.begin(), got.end()), "12345");
+}
+
+TEST_F(FilesystemTest, AppendAndTruncFlags) {
+  {
+    Fd fd(::open(p("log").c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644));
+    ASSERT_GE(fd.fd, 0);
+    for (int i = 0; i < 100; ++i) ASSERT_EQ(::write(fd.fd, "0123456789", 10), 10);
+  }
+  struct stat st {};
+  ASSERT_EQ(::stat(p("log").c_str(), &st), 0);
+  EXPECT_EQ(st.st_size, 1000);
+  {
+    Fd fd(::open(p("log").c_str(), O_WRONLY | O_TRUNC));
+    ASSERT_GE(fd.fd, 0);
+    ASSERT_EQ(::write(fd.fd, "x", 1), 1);
+  }
+  EXPECT_EQ(read_file(p("log")), std::vector<std::uint8_t>{'x'});
+}
+
+TEST_F(FilesystemTest, DirectoriesSymlinksFifos) {
+  ASSERT_EQ(::mkdir(p("d").c_str(), 0700), 0);
+  ASSERT_EQ(::mkdir(p("d/e").c_str(), 0700), 0);
+  EXPECT_EQ(::rmdir(p("d").c_str()), -1);
+  EXPECT_EQ(errno, ENOTEMPTY);
+  ASSERT_EQ(::rmdir(p("d/e").c_str()), 0);
+  ASSERT_EQ(::rmdir(p("d").c_str()), 0);
+
+  ASSERT_EQ(::symlink("/some/target path", p("sym").c_str()), 0);
+  char buf[64] = {};
+  ASSERT_EQ(::readlink(p("sym").c_str(), buf, sizeof buf - 1), 17);
+  EXPECT_STREQ(buf, "/some/target path");
+  struct stat st {};
+  ASSERT_EQ(::lstat(p("sym").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISLNK(st.st_mode));
+
+  ASSERT_EQ(::mkfifo(p("fifo").c_str(), 0600), 0);
+  ASSERT_EQ(::lstat(p("fifo").c_str(), &st), 0);
+  EXPECT_TRUE(S_ISFIFO(st.st_mode));
+
+  std::set<std::string> names;
+  DIR* d = ::opendir(p("").c_str());
+  ASSERT_NE(d, nullptr);
+  while (dirent* e = ::readdir(d)) names.insert(e->d_name);
+  ::closedir(d);
+  EXPECT_EQ(names, (std::set<std::string>{".", "..", "sym", "fifo"}));
+}
+
+TEST_F(FilesystemTest, ManyEntriesInOneDirectory) {
+  for (int i = 0; i < 1500; ++i) {
+    write_file(p("n" + std::to_string(i)), {static_cast<std::uint8_t>(i)});
+  }
+  std::set<std::string> names;
+  DIR* d = ::opendir(p("").c_str());
+  ASSERT_NE(d, nullptr);
+  while (dirent* e = ::readdir(d)) names.insert(e->d_name);
+  ::closedir(d);
+  EXPECT_EQ(names.size(), 1502U);
+  EXPECT_EQ(read_file(p("n1234")), std::vector<std::uint8_t>{static_cast<std::uint8_t>(1234 & 0xff)});
+}
+
+TEST_F(FilesystemTest, MetadataChanges) {
+  write_file(p("m"), {'m'});
+  ASSERT_EQ(::chmod(p("m").c_str(), 0640), 0);
+  struct stat st {};
+  ASSERT_EQ(::stat(p("m").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mode & 07777, 0640U);
+  ASSERT_EQ(::chown(p("m").c_str(), 1234, 5678), 0);
+  ASSERT_EQ(::stat(p("m").c_str(), &st), 0);
+  EXPECT_EQ(st.st_uid, 1234U);
+  EXPECT_EQ(st.st_gid, 5678U);
+  struct timespec times[2] = {{1000000000, 0}, {1100000000, 500}};
+  ASSERT_EQ(::utimensat(AT_FDCWD, p("m").c_str(), times, 0), 0);
+  ASSERT_EQ(::stat(p("m").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mtim.tv_sec, 1100000000);
+  EXPECT_EQ(st.st_atim.tv_sec, 1000000000);
+  struct statvfs sv {};
+  ASSERT_EQ(::statvfs(vol_->mnt().c_str(), &sv), 0);
+  EXPECT_GT(sv.f_blocks, 0U);
+}
+
+TEST_F(FilesystemTest, UserXattrsRoundTrip) {
+  write_file(p("x"), {'x'});
+  ASSERT_EQ(::setxattr(p("x").c_str(), "user.color", "blue", 4, 0), 0) << std::strerror(errno);
+  char buf[16] = {};
+  ASSERT_EQ(::getxattr(p("x").c_str(), "user.color", buf, sizeof buf), 4);
+  EXPECT_EQ(std::string(buf, 4), "blue");
+  char list[256] = {};
+  ssize_t n = ::listxattr(p("x").c_str(), list, sizeof list);
+  ASSERT_GT(n, 0);
+  EXPECT_EQ(std::string(list), "user.color");
+  ASSERT_EQ(::removexattr(p("x").c_str(), "user.color"), 0);
+  EXPECT_EQ(::getxattr(p("x").c_str(), "user.color", buf, sizeof buf), -1);
+  EXPECT_EQ(errno, ENODATA);
+}
+
+TEST_F(FilesystemTest, ConcurrentWritersNeverTearBlocks) {
+  // Each writer fills whole 4 KiB blocks with its own byte; readers check
+  // that every block they see holds one byte value only.
+  const int kBlocks = 64;
+  std::string f = p("shared");
+  write_file(f, std::vector<std::uint8_t>(kBlocks * 4096, 0));
+  std::atomic<bool> stop{false};
+  std::atomic<int> torn{0};
+  std::vector<std::thread> threads;
+  for (int w = 1; w <= 3; ++w) {
+    threads.emplace_back([&, w] {
+      // O_DIRECT: every write reaches the filesystem as it is issued, so
+      // the test exercises kmsfs's locking, not the kernel's page cache.
+      Fd fd(::open(f.c_str(), O_WRONLY | O_DIRECT));
+      AlignedBlock block(static_cast<char>(w));
+      std::mt19937 rng(w);
+      for (int i = 0; i < 300; ++i) {
+        off_t off = static_cast<off_t>(rng() % kBlocks) * 4096;
+        if (pwrite_all(fd.fd, block.data, 4096, off) != 4096) torn++;
+      }
+    });
+  }
+  for (int r = 0; r < 2; ++r) {
+    threads.emplace_back([&] {
+      Fd fd(::open(f.c_str(), O_RDONLY | O_DIRECT));
+      AlignedBlock block(0);
+      std::mt19937 rng(99);
+      while (!stop) {
+        off_t off = static_cast<off_t>(rng() % kBlocks) * 4096;
+        ssize_t n = ::pread(fd.fd, block.data, 4096, off);
+        if (n != 4096) {
+          torn++;
+          continue;
+        }
+        if (!std::all_of(block.data, block.data + 4096, [&](char c) { return c == block.data[0]; })) torn++;
+      }
+    });
+  }
+  for (int i = 0; i < 3; ++i) threads[static_cast<size_t>(i)].join();
+  stop = true;
+  for (size_t i = 3; i < threads.size(); ++i) threads[i].join();
+  EXPECT_EQ(torn.load(), 0);
+  auto all = read_file(f);
+  ASSERT_EQ(all.size(), static_cast<size_t>(kBlocks * 4096));
+  for (int b = 0; b < kBlocks; ++b) {
+    auto first = all.begin() + b * 4096;
+    EXPECT_TRUE(std::all_of(first, first + 4096, [&](std::uint8_t c) { return c == *first; }))
+        << "block " << b;
+  }
+}
+
+TEST_F(FilesystemTest, FsyncAndFdatasync) {
+  Fd fd(::open(p("sync").c_str(), O_RDWR | O_CREAT, 0644));
+  ASSERT_GE(fd.fd, 0);
+  ASSERT_EQ(pwrite_all(fd.fd, "durable", 7, 0), 7);
+  EXPECT_EQ(::fdatasync(fd.fd), 0);
+  EXPECT_EQ(::fsync(fd.fd), 0);
+  Fd dfd(::open(p("").c_str(), O_RDONLY | O_DIRECTORY));
+  EXPECT_EQ(::fsync(dfd.fd), 0);
+}
+
+TEST_F(FilesystemTest, ConfigFileIsHiddenAndProtected) {
+  std::set<std::string> names;
+  DIR* d = ::opendir(vol_->mnt().c_str());
+  ASSERT_NE(d, nullptr);
+  while (dirent* e = ::readdir(d)) names.insert(e->d_name);
+  ::closedir(d);
+  EXPECT_EQ(names.count("kmsfs.json"), 0U);
+  EXPECT_EQ(::open(vol_->path("kmsfs.json").c_str(), O_RDONLY), -1);
+  EXPECT_EQ(::open(vol_->path("kmsfs.json").c_str(), O_RDWR | O_CREAT, 0644), -1);
+}
+
+TEST_F(FilesystemTest, CopiedTreeSurvivesRemountByteForByte) {
+  // A real source tree: the OpenSSL headers of this machine.
+  auto r = run_command({"/bin/cp", "-a", "/usr/include/openssl", p("tree")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  vol_->unmount();
+  vol_->mount();
+  r = run_command({"/usr/bin/diff", "-r", "/usr/include/openssl", p("tree")});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+}
+
+}  // namespace
+}  // namespace kmsfs::test
