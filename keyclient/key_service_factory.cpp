@@ -1,0 +1,106 @@
+// Implements keyclient/kms_options.h: the one place that turns --kms,
+// KMSFS_HOME, --pkcs11-module and --pin-file into a KeyService.
+
+#include <unistd.h>
+
+#include <cstdlib>
+
+#include "keyclient/kms_core.h"
+#include "keyclient/kms_home.h"
+#include "keyclient/kms_options.h"
+#include "keyclient/logger.h"
+#include "keyclient/pkcs11_hsm.h"
+#include "keyclient/state_files.h"
+
+#ifndef KMSFS_DEFAULT_PKCS11_MODULE
+#define KMSFS_DEFAULT_PKCS11_MODULE "/usr/lib/softhsm/libsofthsm2.so"
+#endif
+
+namespace kmsfs::keyclient {
+
+KmsOptions resolve_kms_options(KmsOptions opts) {
+  if (opts.spec.empty()) {
+    const char* e = std::getenv("KMSFS_KMS");
+    opts.spec = (e != nullptr && *e != '\0') ? e : "embedded";
+  }
+  if (opts.home.empty()) opts.home = default_kms_home();
+  opts.home = kms_home_paths(opts.home).home;
+  if (opts.pkcs11_module.empty()) opts.pkcs11_module = KMSFS_DEFAULT_PKCS11_MODULE;
+  if (opts.pin_file.empty()) opts.pin_file = kms_home_paths(opts.home).pin;
+  if (opts.token_label.empty()) opts.token_label = "kmsfs";
+  return opts;
+}
+
+namespace {
+
+KmsResult<std::unique_ptr<KeyService>> make_embedded(const KmsOptions& o) {
+  auto log = named_logger("kmsfs.kms");
+  const KmsHomePaths paths = kms_home_paths(o.home);
+  if (auto d = ensure_kms_home_dir(paths); !d) return Unexpected<KmsError>(d.error());
+
+  const bool default_module = o.pkcs11_module == KMSFS_DEFAULT_PKCS11_MODULE;
+  const bool default_pin = o.pin_file == paths.pin;
+  // We own the token only when it is SoftHSM with our own PIN files; a
+  // token of another HSM (or behind a PIN the operator supplies) is never
+  // initialised by us.
+  const bool own_token = default_module && default_pin;
+
+  std::unique_ptr<Pkcs11Hsm> hsm;
+  {
+    // First-use initialisation (conf, PINs, C_InitToken) by one process at a time.
+    auto lock = FileLock::acquire(paths.lock);
+    if (!lock) return kms_error(KmsErrorCode::KMSInternalException, lock.error());
+
+    if (default_module && std::getenv("SOFTHSM2_CONF") == nullptr) {
+      if (auto w = write_softhsm_conf(paths); !w) return Unexpected<KmsError>(w.error());
+      // Read by SoftHSM at C_Initialize, which happens below.
+      if (::setenv("SOFTHSM2_CONF", paths.softhsm_conf.c_str(), 1) != 0) {
+        return kms_error(KmsErrorCode::KMSInternalException, "cannot set SOFTHSM2_CONF: " + errno_text(errno));
+      }
+    }
+    if (default_pin) {
+      if (auto c = create_pin_file_if_missing(paths.pin); !c) return Unexpected<KmsError>(c.error());
+    }
+    if (own_token) {
+      if (auto c = create_pin_file_if_missing(paths.so_pin); !c) return Unexpected<KmsError>(c.error());
+    }
+    Pkcs11Config cfg;
+    cfg.module_path = o.pkcs11_module;
+    cfg.token_label = o.token_label;
+    auto pin = load_pin(o.pin_file);
+    if (!pin) return Unexpected<KmsError>(std::move(pin).error());
+    cfg.user_pin = std::move(*pin);
+    if (own_token) {
+      auto so = load_pin(paths.so_pin);
+      if (!so) return Unexpected<KmsError>(std::move(so).error());
+      cfg.so_pin_for_init = std::move(*so);
+      cfg.init_token_if_missing = true;
+    }
+    auto opened = Pkcs11Hsm::open(std::move(cfg));
+    if (!opened) {
+      std::string msg = "cannot open the HSM token '" + o.token_label + "': " + opened.error().message;
+      log->error("{}", msg);
+      return kms_error(KmsErrorCode::KeyUnavailableException, std::move(msg));
+    }
+    hsm = std::move(*opened);
+  }  // the init lock is released before the core takes it for its own writes
+
+  auto core = std::make_unique<KmsCore>(paths.home, std::move(hsm));
+  log->debug("embedded KMS ready in {}", paths.home);
+  return std::unique_ptr<KeyService>(std::make_unique<EmbeddedKeyService>(std::move(core)));
+}
+
+}  // namespace
+
+KmsResult<std::unique_ptr<KeyService>> make_key_service(const KmsOptions& opts) {
+  const KmsOptions o = resolve_kms_options(opts);
+  if (o.spec == "embedded") return make_embedded(o);
+  if (o.spec.rfind("unix:", 0) == 0) {
+    return kms_error(KmsErrorCode::UnsupportedOperationException,
+                     "--kms " + o.spec + ": the kmsd client arrives with issue #4; use --kms embedded");
+  }
+  return kms_error(KmsErrorCode::ValidationException,
+                   "unknown KMS spec '" + o.spec + "' (expected 'embedded' or 'unix:PATH')");
+}
+
+}  // namespace kmsfs::keyclient

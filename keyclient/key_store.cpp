@@ -1,0 +1,215 @@
+#include "keyclient/key_store.h"
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <memory>
+#include <nlohmann/json.hpp>
+
+#include "keyclient/ciphertext_blob.h"
+#include "keyclient/kms_json.h"
+#include "keyclient/logger.h"
+
+namespace kmsfs::keyclient {
+
+using nlohmann::json;
+
+namespace {
+
+constexpr int kFormatVersion = 1;
+
+struct DirCloser {
+  void operator()(DIR* d) const noexcept { (void)::closedir(d); }
+};
+using DirPtr = std::unique_ptr<DIR, DirCloser>;
+
+Unexpected<KmsError> internal(std::string msg) {
+  named_logger("kmsfs.kms")->error("{}", msg);
+  return kms_error(KmsErrorCode::KMSInternalException, std::move(msg));
+}
+
+}  // namespace
+
+const KeyVersion* KeyRecord::find_version(std::uint32_t v) const {
+  for (const auto& kv : versions) {
+    if (kv.version == v) return &kv;
+  }
+  return nullptr;
+}
+
+std::string key_record_to_json(const KeyRecord& rec) {
+  json versions = json::array();
+  for (const auto& v : rec.versions) {
+    versions.push_back({{"Version", v.version}, {"HsmLabel", v.hsm_label}, {"CreationDate", v.creation_date}});
+  }
+  json j{{"FormatVersion", kFormatVersion},
+         {"KeyMetadata", rec.metadata},
+         {"Policy", rec.policy},
+         {"Tags", rec.tags},
+         {"Versions", versions}};
+  return j.dump(2) + "\n";
+}
+
+Result<KeyRecord, std::string> key_record_from_json(const std::string& text) {
+  try {
+    json j = json::parse(text);
+    if (!j.is_object()) return unexpected(std::string("not a JSON object"));
+    if (j.value("FormatVersion", 0) != kFormatVersion) {
+      return unexpected("unsupported FormatVersion " + j.value("FormatVersion", json()).dump());
+    }
+    KeyRecord rec;
+    j.at("KeyMetadata").get_to(rec.metadata);
+    rec.policy = j.value("Policy", std::string());
+    if (j.contains("Tags")) j.at("Tags").get_to(rec.tags);
+    for (const auto& v : j.at("Versions")) {
+      KeyVersion kv;
+      v.at("Version").get_to(kv.version);
+      v.at("HsmLabel").get_to(kv.hsm_label);
+      kv.creation_date = v.value("CreationDate", 0.0);
+      if (kv.version == 0 || kv.hsm_label.empty()) return unexpected(std::string("invalid version entry"));
+      rec.versions.push_back(std::move(kv));
+    }
+    if (rec.versions.empty()) return unexpected(std::string("no key versions"));
+    std::sort(rec.versions.begin(), rec.versions.end(),
+              [](const KeyVersion& a, const KeyVersion& b) { return a.version < b.version; });
+    if (!uuid_from_string(rec.metadata.key_id)) {
+      return unexpected("KeyId '" + rec.metadata.key_id + "' is not a key id");
+    }
+    return rec;
+  } catch (const std::exception& e) {
+    return unexpected(std::string(e.what()));
+  }
+}
+
+KeyStore::KeyStore(std::string state_dir) : dir_(std::move(state_dir)) {}
+
+std::string KeyStore::key_path(const std::string& key_id) const { return dir_ + "/keys/" + key_id + ".json"; }
+
+KmsResult<void> KeyStore::ensure_dirs() const {
+  for (const std::string& d : {dir_, dir_ + "/keys"}) {
+    if (::mkdir(d.c_str(), 0700) != 0 && errno != EEXIST) {
+      return internal("cannot create KMS state directory " + d + ": " + errno_text(errno));
+    }
+  }
+  return {};
+}
+
+KmsResult<FileLock> KeyStore::lock() const {
+  auto d = ensure_dirs();
+  if (!d) return Unexpected<KmsError>(d.error());
+  auto l = FileLock::acquire(dir_ + "/lock");
+  if (!l) return internal(l.error());
+  return std::move(*l);
+}
+
+KmsResult<std::optional<KeyRecord>> KeyStore::load_key(const std::string& key_id) {
+  const std::string path = key_path(key_id);
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) {
+    if (errno == ENOENT || errno == ENOTDIR) return std::optional<KeyRecord>();
+    return internal("cannot open key record " + path + ": " + errno_text(errno));
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return internal("cannot stat " + path + ": " + errno_text(errno));
+  const std::int64_t mtime_ns = static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    auto it = cache_.find(key_id);
+    if (it != cache_.end() && it->second.dev == st.st_dev && it->second.ino == st.st_ino &&
+        it->second.size == st.st_size && it->second.mtime_ns == mtime_ns) {
+      return std::optional<KeyRecord>(it->second.record);
+    }
+  }
+  std::string text;
+  char buf[8192];
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return internal("cannot read key record " + path + ": " + errno_text(errno));
+    }
+    if (n == 0) break;
+    text.append(buf, static_cast<std::size_t>(n));
+  }
+  auto rec = key_record_from_json(text);
+  if (!rec) return internal("key record " + path + " is malformed: " + rec.error());
+  if (rec->metadata.key_id != key_id) {
+    return internal("key record " + path + " is malformed: it holds key " + rec->metadata.key_id);
+  }
+  {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    cache_[key_id] = Cached{st.st_dev, st.st_ino, st.st_size, mtime_ns, *rec};
+  }
+  return std::optional<KeyRecord>(std::move(*rec));
+}
+
+KmsResult<std::vector<std::string>> KeyStore::list_key_ids() const {
+  std::vector<std::string> ids;
+  const std::string kdir = dir_ + "/keys";
+  DirPtr d(::opendir(kdir.c_str()));
+  if (!d) {
+    if (errno == ENOENT) return ids;
+    return internal("cannot read " + kdir + ": " + errno_text(errno));
+  }
+  errno = 0;
+  while (dirent* e = ::readdir(d.get())) {
+    std::string name = e->d_name;
+    if (name.size() != 36 + 5 || name.compare(36, 5, ".json") != 0) continue;  // skips temp files
+    std::string id = name.substr(0, 36);
+    if (uuid_from_string(id)) ids.push_back(std::move(id));
+  }
+  std::sort(ids.begin(), ids.end());
+  return ids;
+}
+
+KmsResult<std::vector<AliasRecord>> KeyStore::load_aliases() const {
+  auto text = read_file_if_exists(aliases_path());
+  if (!text) return internal(text.error());
+  std::vector<AliasRecord> out;
+  if (!*text) return out;
+  try {
+    json j = json::parse(**text);
+    if (j.value("FormatVersion", 0) != kFormatVersion) {
+      return internal("alias file " + aliases_path() + " is malformed: unsupported FormatVersion");
+    }
+    for (const auto& a : j.at("Aliases")) {
+      AliasRecord r;
+      a.at("AliasName").get_to(r.alias_name);
+      a.at("TargetKeyId").get_to(r.target_key_id);
+      r.creation_date = a.value("CreationDate", 0.0);
+      out.push_back(std::move(r));
+    }
+  } catch (const std::exception& e) {
+    return internal("alias file " + aliases_path() + " is malformed: " + e.what());
+  }
+  std::sort(out.begin(), out.end(),
+            [](const AliasRecord& a, const AliasRecord& b) { return a.alias_name < b.alias_name; });
+  return out;
+}
+
+KmsResult<void> KeyStore::write_key(const KeyRecord& rec) {
+  auto d = ensure_dirs();
+  if (!d) return d;
+  auto w = atomic_write_file(key_path(rec.metadata.key_id), key_record_to_json(rec));
+  if (!w) return internal("cannot store key record: " + w.error());
+  return {};
+}
+
+KmsResult<void> KeyStore::write_aliases(const std::vector<AliasRecord>& aliases) const {
+  auto d = ensure_dirs();
+  if (!d) return d;
+  json arr = json::array();
+  for (const auto& a : aliases) {
+    arr.push_back({{"AliasName", a.alias_name}, {"TargetKeyId", a.target_key_id}, {"CreationDate", a.creation_date}});
+  }
+  json j{{"FormatVersion", kFormatVersion}, {"Aliases", arr}};
+  auto w = atomic_write_file(aliases_path(), j.dump(2) + "\n");
+  if (!w) return internal("cannot store aliases: " + w.error());
+  return {};
+}
+
+}  // namespace kmsfs::keyclient

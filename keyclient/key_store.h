@@ -1,0 +1,99 @@
+#pragma once
+// KeyStore: the KMS core's records on disk, under the state dir:
+//
+//   keys/<uuid>.json  one key: {"FormatVersion":1, "KeyMetadata":{...AWS names},
+//                     "Policy":"<JSON document>", "Tags":[...],
+//                     "Versions":[{"Version":1,"HsmLabel":"kmsfs/<uuid>/v1",
+//                                  "CreationDate":<epoch s>}]}
+//   aliases.json      {"FormatVersion":1, "Aliases":[{"AliasName","TargetKeyId","CreationDate"}]}
+//   lock              flock(2): held by every read-modify-write
+//
+// Every file is replaced atomically (temp, fsync, rename, fsync dir), so a
+// reader in another process sees the old or the new record, never a torn
+// one. Reads go to the files each time (a key created by kmsctl while a
+// mount runs is visible at once); parsed key records are cached by
+// (inode, size, mtime), which changes with every replacement.
+//
+// Thread safety: all methods may be called concurrently; cache_ is guarded
+// by cache_mu_, which is never held across file I/O.
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "keyclient/key_service.h"
+#include "keyclient/kms_error.h"
+#include "keyclient/state_files.h"
+
+namespace kmsfs::keyclient {
+
+struct KeyVersion {
+  std::uint32_t version = 1;
+  std::string hsm_label;  // "kmsfs/<uuid>/v<version>"
+  double creation_date = 0;
+};
+
+struct KeyRecord {
+  KeyMetadata metadata;
+  std::string policy;  // JSON key policy document (stored; evaluated with #3)
+  std::vector<Tag> tags;
+  std::vector<KeyVersion> versions;  // ascending, never empty
+
+  const KeyVersion& newest() const { return versions.back(); }
+  const KeyVersion* find_version(std::uint32_t v) const;
+};
+
+struct AliasRecord {
+  std::string alias_name;  // "alias/..."
+  std::string target_key_id;
+  double creation_date = 0;
+};
+
+class KeyStore {
+ public:
+  explicit KeyStore(std::string state_dir);
+
+  const std::string& dir() const { return dir_; }
+  std::string key_path(const std::string& key_id) const;
+  std::string aliases_path() const { return dir_ + "/aliases.json"; }
+
+  // The cross-process writer lock (STATE/lock). Never taken twice by one
+  // thread.
+  KmsResult<FileLock> lock() const;
+
+  // std::nullopt when no record exists. A malformed file is a
+  // KMSInternalException naming it.
+  KmsResult<std::optional<KeyRecord>> load_key(const std::string& key_id);
+  KmsResult<std::vector<std::string>> list_key_ids() const;  // sorted
+  KmsResult<std::vector<AliasRecord>> load_aliases() const;   // sorted by name
+
+  // Writers: the caller holds lock() when the write depends on what it read.
+  KmsResult<void> write_key(const KeyRecord& rec);
+  KmsResult<void> write_aliases(const std::vector<AliasRecord>& aliases) const;
+
+ private:
+  KmsResult<void> ensure_dirs() const;
+
+  struct Cached {
+    dev_t dev = 0;
+    ino_t ino = 0;
+    off_t size = 0;
+    std::int64_t mtime_ns = 0;
+    KeyRecord record;
+  };
+
+  std::string dir_;
+  std::mutex cache_mu_;
+  std::map<std::string, Cached> cache_;  // guarded by cache_mu_; key id -> record
+};
+
+std::string key_record_to_json(const KeyRecord& rec);
+// Throws nothing; the error names what is wrong.
+Result<KeyRecord, std::string> key_record_from_json(const std::string& text);
+
+}  // namespace kmsfs::keyclient

@@ -1,0 +1,668 @@
+#include "keyclient/pkcs11_hsm.h"
+
+#include <dlfcn.h>
+#include <p11-kit/pkcs11.h>
+
+#include <algorithm>
+#include <array>
+#include <condition_variable>
+#include <cstdio>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <optional>
+#include <utility>
+#include <vector>
+
+#include "keyclient/logger.h"
+
+namespace kmsfs::keyclient {
+
+// SoftHSM2 2.6.1 reads the 48-byte v3.0 layout (with ulIvBits); the 40-byte
+// v2.40-text layout fails with CKR_ARGUMENTS_BAD.
+static_assert(sizeof(CK_GCM_PARAMS) == 48, "CK_GCM_PARAMS must be the 48-byte struct with ulIvBits");
+
+namespace {
+
+constexpr std::size_t kTagBytes = 16;
+
+std::shared_ptr<spdlog::logger> log() { return named_logger("kmsfs.p11"); }
+
+std::string rv_name(CK_RV rv) {
+  switch (rv) {
+#define KMSFS_CKR(x) \
+  case x:            \
+    return #x;
+    KMSFS_CKR(CKR_OK)
+    KMSFS_CKR(CKR_CANCEL)
+    KMSFS_CKR(CKR_HOST_MEMORY)
+    KMSFS_CKR(CKR_SLOT_ID_INVALID)
+    KMSFS_CKR(CKR_GENERAL_ERROR)
+    KMSFS_CKR(CKR_FUNCTION_FAILED)
+    KMSFS_CKR(CKR_ARGUMENTS_BAD)
+    KMSFS_CKR(CKR_CANT_LOCK)
+    KMSFS_CKR(CKR_ATTRIBUTE_READ_ONLY)
+    KMSFS_CKR(CKR_ATTRIBUTE_SENSITIVE)
+    KMSFS_CKR(CKR_ATTRIBUTE_TYPE_INVALID)
+    KMSFS_CKR(CKR_ATTRIBUTE_VALUE_INVALID)
+    KMSFS_CKR(CKR_DATA_INVALID)
+    KMSFS_CKR(CKR_DATA_LEN_RANGE)
+    KMSFS_CKR(CKR_DEVICE_ERROR)
+    KMSFS_CKR(CKR_DEVICE_MEMORY)
+    KMSFS_CKR(CKR_DEVICE_REMOVED)
+    KMSFS_CKR(CKR_ENCRYPTED_DATA_INVALID)
+    KMSFS_CKR(CKR_ENCRYPTED_DATA_LEN_RANGE)
+    KMSFS_CKR(CKR_FUNCTION_NOT_SUPPORTED)
+    KMSFS_CKR(CKR_KEY_HANDLE_INVALID)
+    KMSFS_CKR(CKR_KEY_SIZE_RANGE)
+    KMSFS_CKR(CKR_KEY_TYPE_INCONSISTENT)
+    KMSFS_CKR(CKR_KEY_FUNCTION_NOT_PERMITTED)
+    KMSFS_CKR(CKR_MECHANISM_INVALID)
+    KMSFS_CKR(CKR_MECHANISM_PARAM_INVALID)
+    KMSFS_CKR(CKR_OBJECT_HANDLE_INVALID)
+    KMSFS_CKR(CKR_OPERATION_ACTIVE)
+    KMSFS_CKR(CKR_OPERATION_NOT_INITIALIZED)
+    KMSFS_CKR(CKR_PIN_INCORRECT)
+    KMSFS_CKR(CKR_PIN_INVALID)
+    KMSFS_CKR(CKR_PIN_LEN_RANGE)
+    KMSFS_CKR(CKR_PIN_EXPIRED)
+    KMSFS_CKR(CKR_PIN_LOCKED)
+    KMSFS_CKR(CKR_SESSION_CLOSED)
+    KMSFS_CKR(CKR_SESSION_COUNT)
+    KMSFS_CKR(CKR_SESSION_HANDLE_INVALID)
+    KMSFS_CKR(CKR_SESSION_READ_ONLY)
+    KMSFS_CKR(CKR_SESSION_EXISTS)
+    KMSFS_CKR(CKR_SESSION_READ_WRITE_SO_EXISTS)
+    KMSFS_CKR(CKR_TEMPLATE_INCOMPLETE)
+    KMSFS_CKR(CKR_TEMPLATE_INCONSISTENT)
+    KMSFS_CKR(CKR_TOKEN_NOT_PRESENT)
+    KMSFS_CKR(CKR_TOKEN_NOT_RECOGNIZED)
+    KMSFS_CKR(CKR_TOKEN_WRITE_PROTECTED)
+    KMSFS_CKR(CKR_USER_ALREADY_LOGGED_IN)
+    KMSFS_CKR(CKR_USER_NOT_LOGGED_IN)
+    KMSFS_CKR(CKR_USER_PIN_NOT_INITIALIZED)
+    KMSFS_CKR(CKR_USER_TYPE_INVALID)
+    KMSFS_CKR(CKR_USER_ANOTHER_ALREADY_LOGGED_IN)
+    KMSFS_CKR(CKR_BUFFER_TOO_SMALL)
+    KMSFS_CKR(CKR_RANDOM_NO_RNG)
+    KMSFS_CKR(CKR_CRYPTOKI_NOT_INITIALIZED)
+    KMSFS_CKR(CKR_CRYPTOKI_ALREADY_INITIALIZED)
+#undef KMSFS_CKR
+    default: {
+      char buf[32];
+      std::snprintf(buf, sizeof buf, "CKR_0x%08lX", static_cast<unsigned long>(rv));
+      return buf;
+    }
+  }
+}
+
+HsmError make_error(HsmError::Kind kind, CK_RV rv, std::string what) {
+  if (rv != CKR_OK) what += ": " + rv_name(rv);
+  return HsmError{kind, static_cast<unsigned long>(rv), std::move(what)};
+}
+
+Unexpected<HsmError> fail(HsmError::Kind kind, CK_RV rv, std::string what) {
+  return Unexpected<HsmError>(make_error(kind, rv, std::move(what)));
+}
+
+// The session can no longer be used: discard it and open a new one.
+bool session_is_broken(CK_RV rv) {
+  return rv == CKR_SESSION_HANDLE_INVALID || rv == CKR_SESSION_CLOSED || rv == CKR_DEVICE_REMOVED ||
+         rv == CKR_TOKEN_NOT_PRESENT || rv == CKR_USER_NOT_LOGGED_IN || rv == CKR_OPERATION_ACTIVE;
+}
+
+bool handle_is_stale(CK_RV rv) { return rv == CKR_OBJECT_HANDLE_INVALID || rv == CKR_KEY_HANDLE_INVALID; }
+
+HsmError::Kind kind_for(CK_RV rv) {
+  switch (rv) {
+    case CKR_ARGUMENTS_BAD:
+    case CKR_DATA_LEN_RANGE:
+    case CKR_MECHANISM_PARAM_INVALID:
+    case CKR_KEY_SIZE_RANGE:
+      return HsmError::Kind::InvalidArgument;
+    case CKR_USER_NOT_LOGGED_IN:
+    case CKR_PIN_INCORRECT:
+    case CKR_PIN_LOCKED:
+      return HsmError::Kind::NotLoggedIn;
+    default:
+      return HsmError::Kind::DeviceError;
+  }
+}
+
+struct DlCloser {
+  void operator()(void* h) const noexcept {
+    if (h != nullptr) (void)::dlclose(h);
+  }
+};
+using DlHandle = std::unique_ptr<void, DlCloser>;
+
+// PKCS#11 initialisation is per process: a second C_Initialize answers
+// CKR_CRYPTOKI_ALREADY_INITIALIZED, and C_Finalize ends the library for
+// every user in the process. This table counts the Pkcs11Hsm objects of this
+// process per module that WE initialised, so the last one finalises and a
+// module initialised by someone else is never finalised. It is the one piece
+// of process-wide state here, mirroring the module's own.
+struct InitRegistry {
+  std::mutex mu;
+  std::map<CK_FUNCTION_LIST_PTR, int> ours;  // guarded by mu
+};
+InitRegistry& init_registry() {
+  static InitRegistry r;
+  return r;
+}
+
+std::array<CK_UTF8CHAR, 32> padded_label(const std::string& label) {
+  std::array<CK_UTF8CHAR, 32> out{};
+  out.fill(' ');
+  std::memcpy(out.data(), label.data(), std::min<std::size_t>(label.size(), out.size()));
+  return out;
+}
+
+}  // namespace
+
+struct Pkcs11Hsm::Impl {
+  // Lock order: pool_mu and cache_mu are never held together, and neither is
+  // held across a PKCS#11 call except the short C_OpenSession/C_Login made
+  // while no lock is held (see acquire()).
+  DlHandle lib;
+  CK_FUNCTION_LIST_PTR f = nullptr;
+  bool registered = false;  // counted in init_registry()
+  CK_SLOT_ID slot = 0;
+  std::string token_label;
+  crypto::SecureBuffer user_pin;
+  std::size_t max_sessions = 4;
+
+  // Keeps the token logged in (closing a token's last session logs it out).
+  // Written only by open() and the destructor.
+  CK_SESSION_HANDLE anchor = CK_INVALID_HANDLE;
+
+  std::mutex pool_mu;
+  std::condition_variable pool_cv;
+  std::vector<CK_SESSION_HANDLE> idle;  // guarded by pool_mu
+  std::size_t open_sessions = 0;        // guarded by pool_mu; pool sessions, not the anchor
+
+  std::mutex cache_mu;
+  std::map<std::string, CK_OBJECT_HANDLE> handles;  // guarded by cache_mu; label -> object
+
+  ~Impl();
+
+  HsmResult<CK_SESSION_HANDLE> open_logged_in_session();
+  HsmResult<CK_SESSION_HANDLE> acquire();
+  void release(CK_SESSION_HANDLE s, bool broken);
+
+  HsmResult<CK_OBJECT_HANDLE> find_key(CK_SESSION_HANDLE s, const std::string& label, bool use_cache);
+  void forget(const std::string& label) {
+    std::lock_guard<std::mutex> lock(cache_mu);
+    handles.erase(label);
+  }
+
+  // Runs fn(session) with a pooled session; a session-level failure
+  // (handle invalid, closed, device removed) discards that session and the
+  // call is retried once on a fresh one.
+  template <class Fn>
+  auto with_session(Fn&& fn) -> decltype(fn(CK_SESSION_HANDLE{}));
+};
+
+namespace {
+// RAII lease of one pooled session.
+class Lease {
+ public:
+  Lease(Pkcs11Hsm::Impl& impl, CK_SESSION_HANDLE s) : impl_(&impl), s_(s) {}
+  ~Lease() { impl_->release(s_, broken_); }
+  Lease(const Lease&) = delete;
+  Lease& operator=(const Lease&) = delete;
+  CK_SESSION_HANDLE get() const { return s_; }
+  void mark_broken() { broken_ = true; }
+
+ private:
+  Pkcs11Hsm::Impl* impl_;
+  CK_SESSION_HANDLE s_;
+  bool broken_ = false;
+};
+}  // namespace
+
+Pkcs11Hsm::Impl::~Impl() {
+  try {
+    std::vector<CK_SESSION_HANDLE> sessions;
+    {
+      std::lock_guard<std::mutex> lock(pool_mu);
+      sessions.swap(idle);
+    }
+    if (f != nullptr) {
+      for (auto s : sessions) (void)f->C_CloseSession(s);
+      if (anchor != CK_INVALID_HANDLE) (void)f->C_CloseSession(anchor);
+      if (registered) {
+        auto& reg = init_registry();
+        std::lock_guard<std::mutex> lock(reg.mu);
+        if (--reg.ours[f] == 0) {
+          reg.ours.erase(f);
+          CK_RV rv = f->C_Finalize(nullptr);
+          if (rv != CKR_OK) log()->warn("C_Finalize: {}", rv_name(rv));
+        }
+      }
+    }
+  } catch (...) {
+    // A destructor never throws; nothing useful is left to do.
+  }
+}
+
+HsmResult<CK_SESSION_HANDLE> Pkcs11Hsm::Impl::open_logged_in_session() {
+  CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+  CK_RV rv = f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &s);
+  if (rv != CKR_OK) {
+    return fail(HsmError::Kind::DeviceError, rv, "C_OpenSession on token '" + token_label + "'");
+  }
+  // Login state is per token and application: a second login answers
+  // CKR_USER_ALREADY_LOGGED_IN, which is success.
+  rv = f->C_Login(s, CKU_USER, const_cast<CK_UTF8CHAR_PTR>(user_pin.data()),
+                  static_cast<CK_ULONG>(user_pin.size()));
+  if (rv != CKR_OK && rv != CKR_USER_ALREADY_LOGGED_IN) {
+    (void)f->C_CloseSession(s);
+    return fail(kind_for(rv) == HsmError::Kind::DeviceError ? HsmError::Kind::DeviceError
+                                                            : HsmError::Kind::NotLoggedIn,
+                rv, "C_Login as user on token '" + token_label + "'");
+  }
+  return s;
+}
+
+HsmResult<CK_SESSION_HANDLE> Pkcs11Hsm::Impl::acquire() {
+  {
+    std::unique_lock<std::mutex> lock(pool_mu);
+    pool_cv.wait(lock, [&] { return !idle.empty() || open_sessions < max_sessions; });
+    if (!idle.empty()) {
+      CK_SESSION_HANDLE s = idle.back();
+      idle.pop_back();
+      return s;
+    }
+    ++open_sessions;  // reserve a slot; opened below without the lock held
+  }
+  auto s = open_logged_in_session();
+  if (!s) {
+    std::lock_guard<std::mutex> lock(pool_mu);
+    --open_sessions;
+    pool_cv.notify_one();
+  }
+  return s;
+}
+
+void Pkcs11Hsm::Impl::release(CK_SESSION_HANDLE s, bool broken) {
+  if (broken) {
+    (void)f->C_CloseSession(s);  // may fail: the handle is already dead
+    std::lock_guard<std::mutex> lock(pool_mu);
+    --open_sessions;
+  } else {
+    std::lock_guard<std::mutex> lock(pool_mu);
+    idle.push_back(s);
+  }
+  pool_cv.notify_one();
+}
+
+template <class Fn>
+auto Pkcs11Hsm::Impl::with_session(Fn&& fn) -> decltype(fn(CK_SESSION_HANDLE{})) {
+  for (int attempt = 0;; ++attempt) {
+    auto s = acquire();
+    if (!s) return Unexpected<HsmError>(std::move(s).error());
+    Lease lease(*this, *s);
+    auto r = fn(lease.get());
+    if (!r && session_is_broken(static_cast<CK_RV>(r.error().ckr))) {
+      lease.mark_broken();
+      if (attempt == 0) {
+        log()->warn("PKCS#11 session failed ({}); reopening", r.error().message);
+        continue;
+      }
+    }
+    return r;
+  }
+}
+
+HsmResult<CK_OBJECT_HANDLE> Pkcs11Hsm::Impl::find_key(CK_SESSION_HANDLE s, const std::string& label,
+                                                      bool use_cache) {
+  if (use_cache) {
+    std::lock_guard<std::mutex> lock(cache_mu);
+    auto it = handles.find(label);
+    if (it != handles.end()) return it->second;
+  }
+  CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+  CK_ATTRIBUTE tmpl[] = {
+      {CKA_CLASS, &cls, sizeof cls},
+      {CKA_LABEL, const_cast<char*>(label.data()), static_cast<CK_ULONG>(label.size())},
+  };
+  CK_RV rv = f->C_FindObjectsInit(s, tmpl, 2);
+  if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_FindObjectsInit for key '" + label + "'");
+  CK_OBJECT_HANDLE found[2];
+  CK_ULONG count = 0;
+  rv = f->C_FindObjects(s, found, 2, &count);
+  CK_RV rv_final = f->C_FindObjectsFinal(s);
+  if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_FindObjects for key '" + label + "'");
+  if (rv_final != CKR_OK) return fail(kind_for(rv_final), rv_final, "C_FindObjectsFinal");
+  if (count == 0) {
+    return fail(HsmError::Kind::KeyNotFound, CKR_OK, "no key labelled '" + label + "' on token '" +
+                                                         token_label + "'");
+  }
+  if (count > 1) log()->warn("more than one key labelled '{}'; using the first", label);
+  std::lock_guard<std::mutex> lock(cache_mu);
+  handles[label] = found[0];
+  return found[0];
+}
+
+Pkcs11Hsm::Pkcs11Hsm(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Pkcs11Hsm::~Pkcs11Hsm() = default;
+
+namespace {
+
+struct SlotMatch {
+  std::optional<CK_SLOT_ID> with_label;
+  bool user_pin_initialized = false;
+  std::optional<CK_SLOT_ID> uninitialized;
+};
+
+HsmResult<SlotMatch> scan_slots(CK_FUNCTION_LIST_PTR f, const std::string& label) {
+  CK_ULONG n = 0;
+  CK_RV rv = f->C_GetSlotList(CK_FALSE, nullptr, &n);
+  if (rv != CKR_OK) return fail(HsmError::Kind::DeviceError, rv, "C_GetSlotList");
+  std::vector<CK_SLOT_ID> slots(n);
+  rv = f->C_GetSlotList(CK_FALSE, slots.data(), &n);
+  if (rv != CKR_OK) return fail(HsmError::Kind::DeviceError, rv, "C_GetSlotList");
+  slots.resize(n);
+  auto want = padded_label(label);
+  SlotMatch m;
+  for (CK_SLOT_ID id : slots) {
+    CK_TOKEN_INFO ti{};
+    rv = f->C_GetTokenInfo(id, &ti);
+    if (rv == CKR_TOKEN_NOT_PRESENT || rv == CKR_TOKEN_NOT_RECOGNIZED) continue;
+    if (rv != CKR_OK) return fail(HsmError::Kind::DeviceError, rv, "C_GetTokenInfo");
+    if ((ti.flags & CKF_TOKEN_INITIALIZED) == 0) {
+      if (!m.uninitialized) m.uninitialized = id;
+      continue;
+    }
+    if (std::memcmp(ti.label, want.data(), want.size()) == 0 && !m.with_label) {
+      m.with_label = id;
+      m.user_pin_initialized = (ti.flags & CKF_USER_PIN_INITIALIZED) != 0;
+    }
+  }
+  return m;
+}
+
+HsmResult<void> init_user_pin(CK_FUNCTION_LIST_PTR f, CK_SLOT_ID slot, const Pkcs11Config& c) {
+  CK_SESSION_HANDLE s = CK_INVALID_HANDLE;
+  CK_RV rv = f->C_OpenSession(slot, CKF_SERIAL_SESSION | CKF_RW_SESSION, nullptr, nullptr, &s);
+  if (rv != CKR_OK) return fail(HsmError::Kind::DeviceError, rv, "C_OpenSession for C_InitPIN");
+  rv = f->C_Login(s, CKU_SO, const_cast<CK_UTF8CHAR_PTR>(c.so_pin_for_init.data()),
+                  static_cast<CK_ULONG>(c.so_pin_for_init.size()));
+  if (rv != CKR_OK) {
+    (void)f->C_CloseSession(s);
+    return fail(HsmError::Kind::NotLoggedIn, rv, "C_Login as SO on token '" + c.token_label + "'");
+  }
+  rv = f->C_InitPIN(s, const_cast<CK_UTF8CHAR_PTR>(c.user_pin.data()),
+                    static_cast<CK_ULONG>(c.user_pin.size()));
+  (void)f->C_Logout(s);
+  (void)f->C_CloseSession(s);
+  if (rv != CKR_OK) return fail(HsmError::Kind::DeviceError, rv, "C_InitPIN on token '" + c.token_label + "'");
+  return {};
+}
+
+}  // namespace
+
+HsmResult<std::unique_ptr<Pkcs11Hsm>> Pkcs11Hsm::open(Pkcs11Config config) {
+  auto impl = std::make_unique<Impl>();
+  if (config.token_label.empty() || config.token_label.size() > 32) {
+    return fail(HsmError::Kind::InvalidArgument, CKR_OK,
+                "token label must be 1..32 bytes: '" + config.token_label + "'");
+  }
+  if (config.user_pin.empty()) return fail(HsmError::Kind::InvalidArgument, CKR_OK, "user PIN is empty");
+  impl->token_label = config.token_label;
+  impl->max_sessions = config.max_sessions == 0 ? 1 : config.max_sessions;
+
+  ::dlerror();
+  impl->lib.reset(::dlopen(config.module_path.c_str(), RTLD_NOW | RTLD_LOCAL));
+  if (!impl->lib) {
+    const char* e = ::dlerror();
+    return fail(HsmError::Kind::DeviceError, CKR_OK,
+                "cannot load PKCS#11 module " + config.module_path + ": " + (e ? e : "dlopen failed"));
+  }
+  auto get_list = reinterpret_cast<CK_C_GetFunctionList>(::dlsym(impl->lib.get(), "C_GetFunctionList"));
+  if (get_list == nullptr) {
+    return fail(HsmError::Kind::DeviceError, CKR_OK,
+                config.module_path + " is not a PKCS#11 module (no C_GetFunctionList)");
+  }
+  CK_RV rv = get_list(&impl->f);
+  if (rv != CKR_OK || impl->f == nullptr) {
+    return fail(HsmError::Kind::DeviceError, rv, "C_GetFunctionList of " + config.module_path);
+  }
+
+  {
+    // C_Initialize(NULL) would switch SoftHSM's locking off: ask for OS locks.
+    CK_C_INITIALIZE_ARGS args{};
+    args.flags = CKF_OS_LOCKING_OK;
+    auto& reg = init_registry();
+    std::lock_guard<std::mutex> lock(reg.mu);
+    rv = impl->f->C_Initialize(&args);
+    if (rv == CKR_OK) {
+      reg.ours[impl->f] = 1;
+      impl->registered = true;
+    } else if (rv == CKR_CRYPTOKI_ALREADY_INITIALIZED) {
+      auto it = reg.ours.find(impl->f);
+      if (it != reg.ours.end()) {
+        ++it->second;
+        impl->registered = true;
+      }  // else initialised by someone else in this process: never finalise it
+    } else {
+      return fail(HsmError::Kind::DeviceError, rv, "C_Initialize of " + config.module_path);
+    }
+  }
+
+  auto m = scan_slots(impl->f, config.token_label);
+  if (!m) return Unexpected<HsmError>(std::move(m).error());
+  if (!m->with_label) {
+    if (!config.init_token_if_missing) {
+      return fail(HsmError::Kind::DeviceError, CKR_OK,
+                  "no initialised token labelled '" + config.token_label + "' in " + config.module_path);
+    }
+    if (!m->uninitialized) {
+      return fail(HsmError::Kind::DeviceError, CKR_OK,
+                  "no token labelled '" + config.token_label + "' and no uninitialised slot in " +
+                      config.module_path);
+    }
+    if (config.so_pin_for_init.empty()) {
+      return fail(HsmError::Kind::InvalidArgument, CKR_OK, "token initialisation needs an SO PIN");
+    }
+    auto label = padded_label(config.token_label);
+    rv = impl->f->C_InitToken(*m->uninitialized, const_cast<CK_UTF8CHAR_PTR>(config.so_pin_for_init.data()),
+                              static_cast<CK_ULONG>(config.so_pin_for_init.size()), label.data());
+    if (rv != CKR_OK) {
+      return fail(HsmError::Kind::DeviceError, rv, "C_InitToken '" + config.token_label + "'");
+    }
+    log()->info("initialised PKCS#11 token '{}'", config.token_label);
+    // SoftHSM renumbers its slots after C_InitToken: find the token again.
+    m = scan_slots(impl->f, config.token_label);
+    if (!m) return Unexpected<HsmError>(std::move(m).error());
+    if (!m->with_label) {
+      return fail(HsmError::Kind::DeviceError, CKR_OK,
+                  "token '" + config.token_label + "' not found after C_InitToken");
+    }
+  }
+  impl->slot = *m->with_label;
+  if (!m->user_pin_initialized) {
+    // Also repairs a token whose initialisation stopped between C_InitToken
+    // and C_InitPIN.
+    if (!config.init_token_if_missing || config.so_pin_for_init.empty()) {
+      return fail(HsmError::Kind::NotLoggedIn, CKR_USER_PIN_NOT_INITIALIZED,
+                  "token '" + config.token_label + "' has no user PIN");
+    }
+    auto r = init_user_pin(impl->f, impl->slot, config);
+    if (!r) return Unexpected<HsmError>(std::move(r).error());
+  }
+
+  impl->user_pin = std::move(config.user_pin);
+  auto anchor = impl->open_logged_in_session();
+  if (!anchor) return Unexpected<HsmError>(std::move(anchor).error());
+  impl->anchor = *anchor;
+  log()->debug("PKCS#11 token '{}' open (slot {})", impl->token_label, impl->slot);
+  return std::unique_ptr<Pkcs11Hsm>(new Pkcs11Hsm(std::move(impl)));
+}
+
+HsmResult<void> Pkcs11Hsm::generate_aes_key(const std::string& label, std::size_t key_bytes) {
+  if (label.empty()) return fail(HsmError::Kind::InvalidArgument, CKR_OK, "empty key label");
+  if (key_bytes != 16 && key_bytes != 24 && key_bytes != 32) {
+    return fail(HsmError::Kind::InvalidArgument, CKR_OK, "AES key size must be 16, 24 or 32 bytes");
+  }
+  return impl_->with_session([&](CK_SESSION_HANDLE s) -> HsmResult<void> {
+    auto existing = impl_->find_key(s, label, /*use_cache=*/false);
+    if (existing) {
+      return fail(HsmError::Kind::InvalidArgument, CKR_OK, "a key labelled '" + label + "' already exists");
+    }
+    if (existing.error().kind != HsmError::Kind::KeyNotFound) return Unexpected<HsmError>(existing.error());
+
+    // SoftHSM's defaults are TOKEN=false and SENSITIVE=false: every
+    // attribute is spelt out.
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_KEY_TYPE type = CKK_AES;
+    CK_ULONG len = static_cast<CK_ULONG>(key_bytes);
+    CK_BBOOL yes = CK_TRUE;
+    CK_BBOOL no = CK_FALSE;
+    auto* lbl = const_cast<char*>(label.data());
+    auto lbl_len = static_cast<CK_ULONG>(label.size());
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof cls},        {CKA_KEY_TYPE, &type, sizeof type},
+        {CKA_VALUE_LEN, &len, sizeof len},    {CKA_TOKEN, &yes, sizeof yes},
+        {CKA_PRIVATE, &yes, sizeof yes},      {CKA_SENSITIVE, &yes, sizeof yes},
+        {CKA_EXTRACTABLE, &no, sizeof no},    {CKA_ENCRYPT, &yes, sizeof yes},
+        {CKA_DECRYPT, &yes, sizeof yes},      {CKA_WRAP, &no, sizeof no},
+        {CKA_UNWRAP, &no, sizeof no},         {CKA_MODIFIABLE, &no, sizeof no},
+        {CKA_LABEL, lbl, lbl_len},            {CKA_ID, lbl, lbl_len},
+    };
+    CK_MECHANISM mech{CKM_AES_KEY_GEN, nullptr, 0};
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    CK_RV rv = impl_->f->C_GenerateKey(s, &mech, tmpl, sizeof tmpl / sizeof tmpl[0], &h);
+    if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_GenerateKey '" + label + "'");
+    {
+      std::lock_guard<std::mutex> lock(impl_->cache_mu);
+      impl_->handles[label] = h;
+    }
+    log()->debug("generated AES-{} key '{}'", key_bytes * 8, label);
+    return {};
+  });
+}
+
+HsmResult<bool> Pkcs11Hsm::key_exists(const std::string& label) {
+  return impl_->with_session([&](CK_SESSION_HANDLE s) -> HsmResult<bool> {
+    auto h = impl_->find_key(s, label, /*use_cache=*/false);
+    if (h) return true;
+    if (h.error().kind == HsmError::Kind::KeyNotFound) {
+      impl_->forget(label);
+      return false;
+    }
+    return Unexpected<HsmError>(h.error());
+  });
+}
+
+HsmResult<void> Pkcs11Hsm::destroy_key(const std::string& label) {
+  return impl_->with_session([&](CK_SESSION_HANDLE s) -> HsmResult<void> {
+    auto h = impl_->find_key(s, label, /*use_cache=*/false);
+    if (!h) return Unexpected<HsmError>(h.error());
+    impl_->forget(label);
+    CK_RV rv = impl_->f->C_DestroyObject(s, *h);
+    if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_DestroyObject '" + label + "'");
+    log()->debug("destroyed key '{}'", label);
+    return {};
+  });
+}
+
+HsmResult<std::vector<std::uint8_t>> Pkcs11Hsm::encrypt_gcm(const std::string& label,
+                                                           std::span<const std::uint8_t> iv,
+                                                           std::span<const std::uint8_t> aad,
+                                                           std::span<const std::uint8_t> plaintext) {
+  if (iv.size() != 12) return fail(HsmError::Kind::InvalidArgument, CKR_OK, "GCM IV must be 12 bytes");
+  return impl_->with_session([&](CK_SESSION_HANDLE s) -> HsmResult<std::vector<std::uint8_t>> {
+    for (int attempt = 0;; ++attempt) {
+      auto key = impl_->find_key(s, label, /*use_cache=*/true);
+      if (!key) return Unexpected<HsmError>(key.error());
+      CK_GCM_PARAMS p{};
+      p.pIv = const_cast<CK_BYTE_PTR>(iv.data());
+      p.ulIvLen = 12;
+      p.ulIvBits = 96;
+      p.pAAD = const_cast<CK_BYTE_PTR>(aad.data());
+      p.ulAADLen = static_cast<CK_ULONG>(aad.size());
+      p.ulTagBits = 128;
+      CK_MECHANISM mech{CKM_AES_GCM, &p, sizeof p};
+      CK_RV rv = impl_->f->C_EncryptInit(s, &mech, *key);
+      if (handle_is_stale(rv) && attempt == 0) {
+        impl_->forget(label);  // the object was destroyed or re-created elsewhere
+        continue;
+      }
+      if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_EncryptInit (AES-GCM) with '" + label + "'");
+      std::vector<std::uint8_t> out(plaintext.size() + kTagBytes);
+      CK_ULONG out_len = static_cast<CK_ULONG>(out.size());
+      rv = impl_->f->C_Encrypt(s, const_cast<CK_BYTE_PTR>(plaintext.data()),
+                               static_cast<CK_ULONG>(plaintext.size()), out.data(), &out_len);
+      if (rv == CKR_BUFFER_TOO_SMALL) {  // the operation stays active: retry with the size asked
+        out.resize(out_len);
+        rv = impl_->f->C_Encrypt(s, const_cast<CK_BYTE_PTR>(plaintext.data()),
+                                 static_cast<CK_ULONG>(plaintext.size()), out.data(), &out_len);
+      }
+      if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_Encrypt (AES-GCM) with '" + label + "'");
+      out.resize(out_len);
+      return out;
+    }
+  });
+}
+
+HsmResult<crypto::SecureBuffer> Pkcs11Hsm::decrypt_gcm(const std::string& label,
+                                                      std::span<const std::uint8_t> iv,
+                                                      std::span<const std::uint8_t> aad,
+                                                      std::span<const std::uint8_t> ct) {
+  if (iv.size() != 12) return fail(HsmError::Kind::InvalidArgument, CKR_OK, "GCM IV must be 12 bytes");
+  if (ct.size() < kTagBytes) {
+    return fail(HsmError::Kind::AuthenticationFailed, CKR_OK, "ciphertext shorter than the GCM tag");
+  }
+  return impl_->with_session([&](CK_SESSION_HANDLE s) -> HsmResult<crypto::SecureBuffer> {
+    for (int attempt = 0;; ++attempt) {
+      auto key = impl_->find_key(s, label, /*use_cache=*/true);
+      if (!key) return Unexpected<HsmError>(key.error());
+      CK_GCM_PARAMS p{};
+      p.pIv = const_cast<CK_BYTE_PTR>(iv.data());
+      p.ulIvLen = 12;
+      p.ulIvBits = 96;
+      p.pAAD = const_cast<CK_BYTE_PTR>(aad.data());
+      p.ulAADLen = static_cast<CK_ULONG>(aad.size());
+      p.ulTagBits = 128;
+      CK_MECHANISM mech{CKM_AES_GCM, &p, sizeof p};
+      CK_RV rv = impl_->f->C_DecryptInit(s, &mech, *key);
+      if (handle_is_stale(rv) && attempt == 0) {
+        impl_->forget(label);
+        continue;
+      }
+      if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_DecryptInit (AES-GCM) with '" + label + "'");
+      // GCM decryption releases nothing before the tag verified; SoftHSM
+      // wants room for the whole input.
+      crypto::SecureBuffer out(ct.size());
+      CK_ULONG out_len = static_cast<CK_ULONG>(out.size());
+      rv = impl_->f->C_Decrypt(s, const_cast<CK_BYTE_PTR>(ct.data()), static_cast<CK_ULONG>(ct.size()),
+                               out.data(), &out_len);
+      if (rv == CKR_BUFFER_TOO_SMALL) {
+        out = crypto::SecureBuffer(out_len);
+        rv = impl_->f->C_Decrypt(s, const_cast<CK_BYTE_PTR>(ct.data()),
+                                 static_cast<CK_ULONG>(ct.size()), out.data(), &out_len);
+      }
+      if (rv == CKR_GENERAL_ERROR || rv == CKR_ENCRYPTED_DATA_INVALID || rv == CKR_FUNCTION_FAILED) {
+        // SoftHSM 2.6.1 reports a wrong tag or AAD as CKR_GENERAL_ERROR.
+        return fail(HsmError::Kind::AuthenticationFailed, rv,
+                    "AES-GCM tag did not verify under '" + label + "'");
+      }
+      if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_Decrypt (AES-GCM) with '" + label + "'");
+      out.shrink(out_len);
+      return out;
+    }
+  });
+}
+
+HsmResult<void> Pkcs11Hsm::generate_random(std::span<std::uint8_t> out) {
+  if (out.empty()) return {};
+  return impl_->with_session([&](CK_SESSION_HANDLE s) -> HsmResult<void> {
+    CK_RV rv = impl_->f->C_GenerateRandom(s, out.data(), static_cast<CK_ULONG>(out.size()));
+    if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_GenerateRandom");
+    return {};
+  });
+}
+
+}  // namespace kmsfs::keyclient
