@@ -61,9 +61,12 @@ DirHandle* dir_handle(fuse_file_info* fi) { return reinterpret_cast<DirHandle*>(
 
 // Backing open flags for a FUSE open: ciphertext is read-modify-written, so
 // the backing fd is O_RDWR whenever possible; O_APPEND and O_TRUNC are
-// handled in plaintext terms, never passed to the backing file.
+// handled in plaintext terms, never passed to the backing file. O_DIRECT
+// stays with the kernel's view of the mount: the ciphertext offsets (a
+// 128-byte header, 4124-byte blocks) are never aligned for it.
 int backing_flags(int flags, bool read_only) {
-  int f = flags & ~(O_ACCMODE | O_APPEND | O_TRUNC | O_CREAT | O_EXCL | O_NOCTTY | O_NOFOLLOW);
+  int f = flags & ~(O_ACCMODE | O_APPEND | O_TRUNC | O_CREAT | O_EXCL | O_NOCTTY | O_NOFOLLOW |
+                    O_DIRECT | O_NOATIME);
   f |= read_only ? O_RDONLY : O_RDWR;
   return f | O_CLOEXEC;
 }

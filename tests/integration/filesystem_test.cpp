@@ -277,17 +277,19 @@ TEST_F(FilesystemTest, RenameVariants) {
 }
 
 TEST_F(FilesystemTest, RenameOfOpenFileKeepsWorking) {
-  Fd fd(::open(p("open").c_str(), O_RDWR | O_CREAT, 0644));
-  ASSERT_GE(fd.fd, 0);
-  ASSERT_EQ(pwrite_all(fd.fd, "before", 6, 0), 6);
-  ASSERT_EQ(::rename(p("open").c_str(), p("renamed").c_str()), 0);
-  ASSERT_EQ(pwrite_all(fd.fd, "after", 5, 6), 5);
-  ASSERT_EQ(::fsync(fd.fd), 0);
-  auto got = read_file(p("renamed"));
-  EXPECT_EQ(std::string(got.begin(), got.end()), "beforeafter");
+  {
+    Fd fd(::open(p("open").c_str(), O_RDWR | O_CREAT, 0644));
+    ASSERT_GE(fd.fd, 0);
+    ASSERT_EQ(pwrite_all(fd.fd, "before", 6, 0), 6);
+    ASSERT_EQ(::rename(p("open").c_str(), p("renamed").c_str()), 0);
+    ASSERT_EQ(pwrite_all(fd.fd, "after", 5, 6), 5);
+    ASSERT_EQ(::fsync(fd.fd), 0);
+    auto got = read_file(p("renamed"));
+    EXPECT_EQ(std::string(got.begin(), got.end()), "beforeafter");
+  }  // closed before the unmount
   vol_->unmount();
   vol_->mount();
-  got = read_file(p("renamed"));
+  auto got = read_file(p("renamed"));
   EXPECT_EQ(std::string(got.begin(), got.end()), "beforeafter");
 }
 
