@@ -488,3 +488,69 @@ TEST_F(FilesystemTest, CopiedTreeSurvivesRemountByteForByte) {
 
 }  // namespace
 }  // namespace kmsfs::test
+
+namespace kmsfs::test {
+namespace {
+
+// A backing filesystem that runs full: writes fail with ENOSPC, what was
+// stored before stays intact, and the mount keeps serving.
+TEST(FullBackingStore, EnospcFailsCleanlyAndKeepsServing) {
+  TempKms kms;
+  const std::string small = kms.root() + "/small";
+  ASSERT_EQ(::mkdir(small.c_str(), 0700), 0);
+  ASSERT_EQ(::mount("tmpfs", small.c_str(), "tmpfs", 0, "size=4m"), 0) << std::strerror(errno);
+  struct Unmounter {
+    std::string path;
+    ~Unmounter() { ::umount2(path.c_str(), MNT_DETACH); }
+  } unmounter{small};
+  {
+    Mount vol(small, "vol");
+    vol.mount();
+    auto keep = random_bytes(300000, 77);
+    write_file(vol.path("keep"), keep);
+
+    // Fill up, fsyncing every 64 KiB; remember what was acknowledged.
+    Fd fd(::open(vol.path("filler").c_str(), O_WRONLY | O_CREAT, 0644));
+    ASSERT_GE(fd.fd, 0);
+    auto chunk = random_bytes(65536, 78);
+    off_t synced = 0;
+    int err = 0;
+    for (int i = 0; i < 200 && err == 0; ++i) {
+      if (pwrite_all(fd.fd, chunk.data(), chunk.size(), synced) < 0 || ::fsync(fd.fd) != 0) {
+        err = errno;
+      } else {
+        synced += static_cast<off_t>(chunk.size());
+      }
+    }
+    EXPECT_EQ(err, ENOSPC);
+    ::close(fd.fd);
+    fd.fd = -1;
+
+    EXPECT_EQ(read_file(vol.path("keep")), keep);
+    // Every acknowledged byte of the filler reads back; nothing is torn.
+    Fd rd(::open(vol.path("filler").c_str(), O_RDONLY));
+    ASSERT_GE(rd.fd, 0);
+    std::vector<std::uint8_t> buf(chunk.size());
+    for (off_t off = 0; off < synced; off += static_cast<off_t>(chunk.size())) {
+      ASSERT_EQ(::pread(rd.fd, buf.data(), buf.size(), off), static_cast<ssize_t>(buf.size())) << off;
+      EXPECT_EQ(buf, chunk) << "at " << off;
+    }
+    // Reading past the acknowledged part may see zeros or data, never EIO.
+    struct stat st {};
+    ASSERT_EQ(::fstat(rd.fd, &st), 0);
+    std::vector<std::uint8_t> rest(static_cast<size_t>(st.st_size - synced));
+    EXPECT_EQ(::pread(rd.fd, rest.data(), rest.size(), synced), static_cast<ssize_t>(rest.size()))
+        << std::strerror(errno);
+    ::close(rd.fd);
+    rd.fd = -1;
+
+    // Space freed: the mount serves new writes again.
+    ASSERT_EQ(::unlink(vol.path("filler").c_str()), 0);
+    write_file(vol.path("after"), {'o', 'k'});
+    EXPECT_EQ(read_file(vol.path("after")), (std::vector<std::uint8_t>{'o', 'k'}));
+    vol.unmount();
+  }
+}
+
+}  // namespace
+}  // namespace kmsfs::test
