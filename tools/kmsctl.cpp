@@ -369,10 +369,11 @@ int run(int argc, char** argv) {
   auto kms = kmsfs::keyclient::make_key_service(g.kms);
   if (!kms) {
     kmsfs::cli::print_kms_error(kTool, kms.error());
-    // A bad --kms spec is a usage error; any other start-up failure means
-    // the KMS is unavailable.
+    // A malformed --kms spec is a usage error; start-up failures (module,
+    // token, PIN file, state dir) come back as KMSInternal/KeyUnavailable,
+    // i.e. exit code 4.
     if (kms.error().code == KmsErrorCode::ValidationException) return static_cast<int>(ExitCode::Usage);
-    return static_cast<int>(ExitCode::KmsUnavailable);
+    return static_cast<int>(kmsfs::cli::exit_code_for(kms.error()));
   }
   try {
     return cmd->run(**kms, vm);

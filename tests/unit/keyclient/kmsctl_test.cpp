@@ -1,0 +1,196 @@
+// kmsctl end to end: the built binary against its own KMSFS_HOME (its own
+// softhsm2.conf and token, since SOFTHSM2_CONF is removed from its
+// environment), several processes at once.
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <string>
+#include <vector>
+
+#include "tests/unit/keyclient/test_env.h"
+
+extern char** environ;
+
+namespace kmsfs::keyclient {
+namespace {
+
+struct ProcessResult {
+  int rc = -1;
+  std::string out;
+  std::string err;
+};
+
+std::string kmsctl_path() { return std::string(KMSFS_BIN_DIR) + "/kmsctl"; }
+
+pid_t spawn(const std::string& home, const std::vector<std::string>& args, const std::string& out_path,
+            const std::string& err_path) {
+  std::vector<std::string> env;
+  for (char** e = environ; *e != nullptr; ++e) {
+    std::string s = *e;
+    if (s.rfind("SOFTHSM2_CONF=", 0) == 0 || s.rfind("KMSFS_", 0) == 0) continue;
+    env.push_back(s);
+  }
+  env.push_back("KMSFS_HOME=" + home);
+  std::vector<std::string> argv_s{kmsctl_path()};
+  argv_s.insert(argv_s.end(), args.begin(), args.end());
+  std::vector<char*> argv, envp;
+  for (auto& a : argv_s) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  for (auto& e : env) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    int o = ::open(out_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    int e = ::open(err_path.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ::dup2(o, 1);
+    ::dup2(e, 2);
+    ::execve(argv[0], argv.data(), envp.data());
+    ::_exit(127);
+  }
+  return pid;
+}
+
+ProcessResult wait_for(pid_t pid, const std::string& out_path, const std::string& err_path) {
+  ProcessResult r;
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128;
+  r.out = test::read_text(out_path);
+  r.err = test::read_text(err_path);
+  return r;
+}
+
+class KmsctlTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = test::make_temp_dir("kmsctl");
+    home_ = dir_ + "/home";
+  }
+  ProcessResult kmsctl(const std::vector<std::string>& args) {
+    const std::string out = dir_ + "/out", err = dir_ + "/err";
+    return wait_for(spawn(home_, args, out, err), out, err);
+  }
+  std::string dir_;
+  std::string home_;
+};
+
+TEST_F(KmsctlTest, CreateDescribeListAndDataKeyRoundTrip) {
+  auto c = kmsctl({"create-key", "--description", "e2e", "--alias", "alias/e2e", "--tags", "team=fs"});
+  ASSERT_EQ(c.rc, 0) << c.err;
+  auto cj = nlohmann::json::parse(c.out);
+  const std::string key_id = cj["KeyMetadata"]["KeyId"];
+  EXPECT_EQ(cj["KeyMetadata"]["Description"], "e2e");
+  EXPECT_EQ(cj["KeyMetadata"]["KeyState"], "Enabled");
+  EXPECT_TRUE(std::filesystem::exists(home_ + "/softhsm2.conf"));
+
+  auto d = kmsctl({"describe-key", "--key-id", "alias/e2e"});
+  ASSERT_EQ(d.rc, 0) << d.err;
+  EXPECT_EQ(nlohmann::json::parse(d.out)["KeyMetadata"]["KeyId"], key_id);
+
+  auto l = kmsctl({"list-keys"});
+  ASSERT_EQ(l.rc, 0) << l.err;
+  auto lj = nlohmann::json::parse(l.out);
+  ASSERT_EQ(lj["Keys"].size(), 1u);
+  EXPECT_EQ(lj["Keys"][0]["KeyId"], key_id);
+
+  auto a = kmsctl({"list-aliases", "--key-id", key_id});
+  ASSERT_EQ(a.rc, 0) << a.err;
+  EXPECT_EQ(nlohmann::json::parse(a.out)["Aliases"][0]["AliasName"], "alias/e2e");
+
+  // Global options after the subcommand work too.
+  auto g = kmsctl({"generate-data-key", "--key-id", "alias/e2e", "--encryption-context", "fs=1", "file=2",
+                   "--kms", "embedded"});
+  ASSERT_EQ(g.rc, 0) << g.err;
+  auto gj = nlohmann::json::parse(g.out);
+  EXPECT_EQ(gj["KeyId"], "arn:aws:kms:local:000000000000:key/" + key_id);
+  const std::string blob = gj["CiphertextBlob"];
+  const std::string plaintext = gj["Plaintext"];
+
+  auto ok = kmsctl({"decrypt", "--ciphertext-blob", blob, "--encryption-context", "file=2", "fs=1"});
+  ASSERT_EQ(ok.rc, 0) << ok.err;
+  EXPECT_EQ(nlohmann::json::parse(ok.out)["Plaintext"], plaintext);
+
+  auto bad = kmsctl({"decrypt", "--ciphertext-blob", blob, "--encryption-context", "fs=1"});
+  EXPECT_EQ(bad.rc, 3);
+  EXPECT_EQ(bad.err.rfind("kmsctl: InvalidCiphertextException: ", 0), 0u) << bad.err;
+
+  test::write_text(dir_ + "/pt", "secret text");
+  auto e = kmsctl({"encrypt", "--key-id", key_id, "--plaintext", "fileb://" + dir_ + "/pt"});
+  ASSERT_EQ(e.rc, 0) << e.err;
+  auto back = kmsctl({"decrypt", "--ciphertext-blob", nlohmann::json::parse(e.out)["CiphertextBlob"]});
+  ASSERT_EQ(back.rc, 0) << back.err;
+  EXPECT_EQ(nlohmann::json::parse(back.out)["Plaintext"], "c2VjcmV0IHRleHQ=");
+
+  auto r = kmsctl({"generate-random", "--number-of-bytes", "16"});
+  ASSERT_EQ(r.rc, 0) << r.err;
+  EXPECT_EQ(nlohmann::json::parse(r.out)["Plaintext"].get<std::string>().size(), 24u);
+}
+
+TEST_F(KmsctlTest, ExitCodesAndMessages) {
+  auto nf = kmsctl({"describe-key", "--key-id", "alias/missing"});
+  EXPECT_EQ(nf.rc, 3);
+  EXPECT_EQ(nf.err, "kmsctl: NotFoundException: Alias alias/missing is not found.\n");
+  auto unknown = kmsctl({"frobnicate"});
+  EXPECT_EQ(unknown.rc, 2);
+  EXPECT_NE(unknown.err.find("frobnicate"), std::string::npos);
+  auto bad_opt = kmsctl({"list-keys", "--bogus"});
+  EXPECT_EQ(bad_opt.rc, 2);
+  EXPECT_NE(bad_opt.err.find("--bogus"), std::string::npos) << bad_opt.err;
+  auto missing = kmsctl({"describe-key"});
+  EXPECT_EQ(missing.rc, 2);
+  EXPECT_NE(missing.err.find("key-id"), std::string::npos) << missing.err;
+  auto help = kmsctl({"--help"});
+  EXPECT_EQ(help.rc, 0);
+  EXPECT_NE(help.out.find("generate-data-key"), std::string::npos);
+  EXPECT_NE(help.out.find("Exit codes"), std::string::npos);
+  EXPECT_NE(help.out.find("KMSFS_HOME"), std::string::npos);
+  auto sub_help = kmsctl({"decrypt", "--help"});
+  EXPECT_EQ(sub_help.rc, 0);
+  EXPECT_NE(sub_help.out.find("--ciphertext-blob"), std::string::npos);
+  auto spec = kmsctl({"--kms", "unix:/nowhere", "list-keys"});
+  EXPECT_EQ(spec.rc, 3);
+  EXPECT_NE(spec.err.find("UnsupportedOperationException"), std::string::npos) << spec.err;
+}
+
+TEST_F(KmsctlTest, ParallelProcessesLoseNoKeyOrAlias) {
+  // First use (token initialisation) also races.
+  constexpr int kProcs = 4;
+  std::vector<pid_t> pids;
+  for (int i = 0; i < kProcs; ++i) {
+    pids.push_back(spawn(home_, {"create-key", "--alias", "alias/p" + std::to_string(i)},
+                         dir_ + "/o" + std::to_string(i), dir_ + "/e" + std::to_string(i)));
+  }
+  std::set<std::string> ids;
+  for (int i = 0; i < kProcs; ++i) {
+    auto r = wait_for(pids[i], dir_ + "/o" + std::to_string(i), dir_ + "/e" + std::to_string(i));
+    ASSERT_EQ(r.rc, 0) << r.err;
+    ids.insert(nlohmann::json::parse(r.out)["KeyMetadata"]["KeyId"].get<std::string>());
+  }
+  auto l = kmsctl({"list-keys"});
+  ASSERT_EQ(l.rc, 0) << l.err;
+  std::set<std::string> listed;
+  const auto lj = nlohmann::json::parse(l.out);
+  for (const auto& k : lj["Keys"]) listed.insert(k["KeyId"].get<std::string>());
+  EXPECT_EQ(listed, ids);
+  auto a = kmsctl({"list-aliases"});
+  ASSERT_EQ(a.rc, 0) << a.err;
+  EXPECT_EQ(nlohmann::json::parse(a.out)["Aliases"].size(), static_cast<std::size_t>(kProcs));
+}
+
+TEST_F(KmsctlTest, RefusesAnOpenPinFile) {
+  ASSERT_EQ(kmsctl({"list-keys"}).rc, 0);  // first use creates HOME/pin
+  ASSERT_EQ(::chmod((home_ + "/pin").c_str(), 0644), 0);
+  auto r = kmsctl({"list-keys"});
+  EXPECT_EQ(r.rc, 4);
+  EXPECT_NE(r.err.find("is readable by group or others (mode 0644); chmod 600 it"), std::string::npos) << r.err;
+}
+
+}  // namespace
+}  // namespace kmsfs::keyclient
