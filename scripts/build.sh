@@ -4,7 +4,11 @@
 #   scripts/build.sh              release-with-debug-info build in build/
 #   scripts/build.sh --asan       ASan+UBSan build in build-asan/ (-DKMSFS_SANITIZE=ON)
 #   scripts/build.sh --werror     warnings are errors (what CI does: -DKMSFS_WERROR=ON)
+#   scripts/build.sh --no-werror  turn that off again in an existing build dir
 #   scripts/build.sh --build-dir DIR   another build directory
+#
+# Without --werror/--no-werror an existing build dir keeps its setting (so the
+# demo reuses a CI build instead of recompiling everything).
 #
 # Other options: --type TYPE (CMAKE_BUILD_TYPE), --jobs N (default: nproc,
 # or $KMSFS_JOBS), -D... (passed to cmake). Binaries land in DIR/tools/.
@@ -12,18 +16,19 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD_DIR=""
-SANITIZE=OFF
-WERROR=OFF
+SANITIZE=""
+WERROR=""
 BUILD_TYPE=RelWithDebInfo
 JOBS=${KMSFS_JOBS:-$(nproc)}
 EXTRA=()
 
-usage() { sed -n '2,12s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
+usage() { sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"; }
 
 while (($#)); do
   case $1 in
     --asan) SANITIZE=ON ;;
     --werror) WERROR=ON ;;
+    --no-werror) WERROR=OFF ;;
     --build-dir) BUILD_DIR=${2:?--build-dir needs a directory}; shift ;;
     --type) BUILD_TYPE=${2:?--type needs a build type}; shift ;;
     --jobs|-j) JOBS=${2:?--jobs needs a number}; shift ;;
@@ -38,10 +43,9 @@ if [[ -z $BUILD_DIR ]]; then
   if [[ $SANITIZE == ON ]]; then BUILD_DIR=$ROOT/build-asan; else BUILD_DIR=$ROOT/build; fi
 fi
 
-echo "build: $BUILD_DIR (type $BUILD_TYPE, sanitize $SANITIZE, werror $WERROR, -j$JOBS)"
-cmake -S "$ROOT" -B "$BUILD_DIR" \
-  -DCMAKE_BUILD_TYPE="$BUILD_TYPE" \
-  -DKMSFS_SANITIZE="$SANITIZE" \
-  -DKMSFS_WERROR="$WERROR" \
-  "${EXTRA[@]}"
+[[ -n $SANITIZE ]] && EXTRA+=("-DKMSFS_SANITIZE=$SANITIZE")
+[[ -n $WERROR ]] && EXTRA+=("-DKMSFS_WERROR=$WERROR")
+
+echo "build: $BUILD_DIR (type $BUILD_TYPE, sanitize ${SANITIZE:-as configured}, werror ${WERROR:-as configured}, -j$JOBS)"
+cmake -S "$ROOT" -B "$BUILD_DIR" -DCMAKE_BUILD_TYPE="$BUILD_TYPE" "${EXTRA[@]}"
 cmake --build "$BUILD_DIR" -j "$JOBS"

@@ -7,15 +7,18 @@
 # Everything lives in a fresh directory under /tmp (printed below), so the
 # demo never touches /var/lib/kmsfs or ~/.local/share/kmsfs. The mount is
 # always unmounted on exit, also when a step fails.
+#
+# Environment (optional): KMSFS_BUILD_DIR (default build/), KMSFS_JOBS.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
+BUILD_DIR=${KMSFS_BUILD_DIR:-$ROOT/build}
 bash scripts/install-deps.sh
-bash scripts/build.sh
+bash scripts/build.sh --build-dir "$BUILD_DIR"
 
-BIN=$ROOT/build/tools
+BIN=$BUILD_DIR/tools
 KMSCTL=$BIN/kmsctl
 KMSFS=$BIN/kmsfs
 
