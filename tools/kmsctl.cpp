@@ -126,7 +126,12 @@ int cmd_create_key(KeyService& kms, const po::variables_map& vm) {
   }
   auto alias = opt<std::string>(vm, "alias");
   if (alias) {
-    // Refuse before creating anything, so a taken name leaves no stray key.
+    // Refuse before creating anything, so a taken or reserved name leaves no
+    // stray key (and describing the managed alias would create its key).
+    if (*alias == kmsfs::keyclient::kDefaultManagedAlias) {
+      return kms_failure({KmsErrorCode::InvalidAliasNameException,
+                          *alias + " is reserved for the managed kmsfs key"});
+    }
     auto existing = kms.describe_key({*alias});
     if (existing) {
       return kms_failure({KmsErrorCode::AlreadyExistsException, "An alias with the name " + *alias + " already exists"});
