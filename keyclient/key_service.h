@@ -9,7 +9,10 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
+
+#include <nlohmann/json_fwd.hpp>
 
 #include "crypto/secure_buffer.h"
 #include "keyclient/encryption_context.h"
@@ -158,6 +161,13 @@ class KeyService {
   virtual KmsResult<DecryptResponse> decrypt(const DecryptRequest& req) = 0;
   virtual KmsResult<EncryptResponse> encrypt(const EncryptRequest& req) = 0;
   virtual KmsResult<GenerateRandomResponse> generate_random(const GenerateRandomRequest& req) = 0;
+
+  // The whole API by AWS operation name ("GenerateDataKey", "ScheduleKeyDeletion",
+  // ...) with AWS JSON request and response bodies (base64 blobs), exactly
+  // what `aws kms` and the AWS SDKs send and receive. kmsctl and the kmsd
+  // wire protocol use this; the typed methods above are the filesystem's
+  // hot path. An unknown operation is UnsupportedOperationException.
+  virtual KmsResult<nlohmann::json> call(std::string_view operation, const nlohmann::json& request) = 0;
 };
 
 // The managed key that `kmsfs init` uses when no --key is given; the core

@@ -1,4 +1,5 @@
 #include "keyclient/kms_core.h"
+#include "keyclient/kms_dispatch.h"
 
 #include <unistd.h>
 
@@ -525,6 +526,11 @@ KmsResult<EncryptResponse> EmbeddedKeyService::encrypt(const EncryptRequest& req
 }
 KmsResult<GenerateRandomResponse> EmbeddedKeyService::generate_random(const GenerateRandomRequest& req) {
   return core_->generate_random(caller_, req);
+}
+
+KmsResult<nlohmann::json> EmbeddedKeyService::call(std::string_view operation,
+                                                   const nlohmann::json& request) {
+  return dispatch_kms_request(*core_, caller_, operation, request);
 }
 
 }  // namespace kmsfs::keyclient

@@ -76,6 +76,9 @@ class EmbeddedKeyService final : public KeyService {
   KmsResult<DecryptResponse> decrypt(const DecryptRequest& req) override;
   KmsResult<EncryptResponse> encrypt(const EncryptRequest& req) override;
   KmsResult<GenerateRandomResponse> generate_random(const GenerateRandomRequest& req) override;
+  KmsResult<nlohmann::json> call(std::string_view operation, const nlohmann::json& request) override;
+
+  KmsCore& core() { return *core_; }
 
  private:
   std::unique_ptr<KmsCore> core_;
