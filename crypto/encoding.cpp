@@ -102,4 +102,26 @@ std::optional<std::vector<std::uint8_t>> from_base64(std::string_view in) {
   return out;
 }
 
+std::string to_base64url(std::span<const std::uint8_t> bytes) {
+  std::string s = to_base64(bytes);
+  while (!s.empty() && s.back() == '=') s.pop_back();
+  for (char& c : s) {
+    if (c == '+') c = '-';
+    if (c == '/') c = '_';
+  }
+  return s;
+}
+
+std::optional<std::vector<std::uint8_t>> from_base64url(std::string_view in) {
+  if (in.size() % 4 == 1) return std::nullopt;
+  std::string s;
+  s.reserve(in.size() + 2);
+  for (char c : in) {
+    if (c == '+' || c == '/' || c == '=') return std::nullopt;  // not url-safe form
+    s.push_back(c == '-' ? '+' : c == '_' ? '/' : c);
+  }
+  while (s.size() % 4 != 0) s.push_back('=');
+  return from_base64(s);
+}
+
 }  // namespace kmsfs::crypto
