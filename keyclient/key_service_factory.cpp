@@ -6,6 +6,7 @@
 #include <cstdlib>
 
 #include "keyclient/kms_core.h"
+#include "keyclient/kmsd_client.h"
 #include "keyclient/kms_home.h"
 #include "keyclient/kms_options.h"
 #include "keyclient/logger.h"
@@ -31,9 +32,8 @@ KmsOptions resolve_kms_options(KmsOptions opts) {
   return opts;
 }
 
-namespace {
-
-KmsResult<std::unique_ptr<KeyService>> make_embedded(const KmsOptions& o) {
+KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts) {
+  const KmsOptions o = resolve_kms_options(opts);
   auto log = named_logger("kmsfs.kms");
   const KmsHomePaths paths = kms_home_paths(o.home);
   if (auto d = ensure_kms_home_dir(paths); !d) return Unexpected<KmsError>(d.error());
@@ -86,8 +86,16 @@ KmsResult<std::unique_ptr<KeyService>> make_embedded(const KmsOptions& o) {
   }  // the init lock is released before the core takes it for its own writes
 
   auto core = std::make_unique<KmsCore>(paths.home, std::move(hsm));
-  log->debug("embedded KMS ready in {}", paths.home);
-  return std::unique_ptr<KeyService>(std::make_unique<EmbeddedKeyService>(std::move(core)));
+  log->debug("KMS core ready in {}", paths.home);
+  return core;
+}
+
+namespace {
+
+KmsResult<std::unique_ptr<KeyService>> make_embedded(const KmsOptions& o) {
+  auto core = make_kms_core(o);
+  if (!core) return Unexpected<KmsError>(std::move(core).error());
+  return std::unique_ptr<KeyService>(std::make_unique<EmbeddedKeyService>(std::move(*core)));
 }
 
 }  // namespace
@@ -96,8 +104,13 @@ KmsResult<std::unique_ptr<KeyService>> make_key_service(const KmsOptions& opts) 
   const KmsOptions o = resolve_kms_options(opts);
   if (o.spec == "embedded") return make_embedded(o);
   if (o.spec.rfind("unix:", 0) == 0) {
-    return kms_error(KmsErrorCode::UnsupportedOperationException,
-                     "--kms " + o.spec + ": the kmsd client arrives with issue #4; use --kms embedded");
+    KmsdClientOptions c;
+    c.socket_path = o.spec.substr(5);
+    if (c.socket_path.empty()) {
+      return kms_error(KmsErrorCode::ValidationException, "--kms unix:PATH needs a socket path");
+    }
+    // No connection yet: kmsd may start later, and every call reconnects.
+    return std::unique_ptr<KeyService>(std::make_unique<KmsdClient>(std::move(c)));
   }
   return kms_error(KmsErrorCode::ValidationException,
                    "unknown KMS spec '" + o.spec + "' (expected 'embedded' or 'unix:PATH')");

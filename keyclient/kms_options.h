@@ -11,7 +11,7 @@ namespace kmsfs::keyclient {
 
 struct KmsOptions {
   // "embedded" (the core in this process, state under `home`) or
-  // "unix:PATH" (kmsd, issue #4).
+  // "unix:PATH" (kmsd on that socket).
   std::string spec = "embedded";
   // Embedded state directory. Empty = default: $KMSFS_HOME, else
   // /var/lib/kmsfs for root, else ~/.local/share/kmsfs.
@@ -35,5 +35,10 @@ KmsOptions resolve_kms_options(KmsOptions opts);
 // cannot be initialised, PIN file refused, state dir unusable) come back as a
 // KmsError whose message names the thing and the reason.
 KmsResult<std::unique_ptr<KeyService>> make_key_service(const KmsOptions& opts);
+
+class KmsCore;
+// The KMS core itself over the state dir `opts.home` (what make_key_service
+// wraps for "embedded", and what kmsd serves); opts.spec is ignored.
+KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts);
 
 }  // namespace kmsfs::keyclient

@@ -9,6 +9,7 @@
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
+#include <systemd/sd-daemon.h>
 #include <unistd.h>
 
 #include <boost/program_options.hpp>
@@ -333,6 +334,9 @@ int cmd_mount(const kmsfs::cli::GlobalOptions& g, const std::vector<std::string>
   bool served = false;
   auto r = (*volume)->serve(mountpoint, opts, [&] {
     served = true;
+    // systemd Type=notify (kmsfs@.service runs `kmsfs mount -f`): ready
+    // once the kernel mount exists.
+    if (std::getenv("NOTIFY_SOCKET") != nullptr) (void)sd_notify(0, "READY=1");
     if (!foreground) {
       report(0);
       log_to_syslog();

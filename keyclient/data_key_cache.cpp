@@ -1,0 +1,241 @@
+#include "keyclient/data_key_cache.h"
+
+#include <cstring>
+
+#include <nlohmann/json.hpp>
+
+#include "crypto/random.h"
+#include "crypto/sha256.h"
+#include "keyclient/logger.h"
+
+namespace kmsfs::keyclient {
+
+// ---- DataKeyCache -------------------------------------------------------------
+
+DataKeyCache::DataKeyCache(DataKeyCacheOptions options, Clock clock)
+    : opts_(options), clock_(std::move(clock)) {}
+
+DataKeyCache::~DataKeyCache() { clear(); }
+
+std::size_t DataKeyCache::DigestHash::operator()(const Digest& d) const noexcept {
+  std::size_t h = 0;
+  std::memcpy(&h, d.data(), sizeof h);
+  return h;
+}
+
+DataKeyCache::Digest DataKeyCache::digest(const Bytes& blob, const EncryptionContext& context) {
+  // Length-prefixed blob, then the canonical (itself length-prefixed)
+  // context: no two (blob, context) pairs share an input.
+  Bytes in;
+  const auto ctx = canonical_encryption_context(context);
+  in.reserve(8 + blob.size() + ctx.size());
+  const std::uint64_t n = blob.size();
+  for (int i = 7; i >= 0; --i) in.push_back(static_cast<std::uint8_t>(n >> (8 * i)));
+  in.insert(in.end(), blob.begin(), blob.end());
+  in.insert(in.end(), ctx.begin(), ctx.end());
+  return crypto::sha256(in);
+}
+
+void DataKeyCache::evict_locked(std::list<Entry>::iterator it) {
+  index_.erase(it->id);
+  lru_.erase(it);  // the SecureBuffer cleanses itself
+  ++stats_.evictions;
+}
+
+std::optional<DataKeyCache::Hit> DataKeyCache::get(const Bytes& blob, const EncryptionContext& context) {
+  const Digest id = digest(blob, context);
+  const auto now = clock_();
+  std::lock_guard<std::mutex> lock(mu_);
+  auto it = index_.find(id);
+  if (it == index_.end()) {
+    ++stats_.misses;
+    return std::nullopt;
+  }
+  auto e = it->second;
+  if (now - e->created > opts_.max_age || e->uses >= opts_.max_uses) {
+    evict_locked(e);
+    ++stats_.misses;
+    return std::nullopt;
+  }
+  ++e->uses;
+  ++stats_.hits;
+  lru_.splice(lru_.begin(), lru_, e);
+  return Hit{e->plaintext.clone(), e->key_id};
+}
+
+void DataKeyCache::put(const Bytes& blob, const EncryptionContext& context,
+                       const crypto::SecureBuffer& plaintext, const std::string& key_id) {
+  if (opts_.max_entries == 0 || opts_.max_uses == 0) return;
+  const Digest id = digest(blob, context);
+  Entry fresh{id, plaintext.clone(), key_id, clock_(), 0};
+  std::lock_guard<std::mutex> lock(mu_);
+  if (auto it = index_.find(id); it != index_.end()) evict_locked(it->second);
+  while (lru_.size() >= opts_.max_entries) evict_locked(std::prev(lru_.end()));
+  lru_.push_front(std::move(fresh));
+  index_.emplace(id, lru_.begin());
+}
+
+void DataKeyCache::clear() {
+  std::lock_guard<std::mutex> lock(mu_);
+  index_.clear();
+  lru_.clear();
+}
+
+std::size_t DataKeyCache::size() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return lru_.size();
+}
+
+DataKeyCache::Stats DataKeyCache::stats() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return stats_;
+}
+
+// ---- CachingKeyService ---------------------------------------------------------
+
+CachingKeyService::CachingKeyService(KeyService& inner, DataKeyCacheOptions options)
+    : inner_(inner), cache_(options) {}
+
+KmsResult<CreateKeyResponse> CachingKeyService::create_key(const CreateKeyRequest& req) {
+  return inner_.create_key(req);
+}
+KmsResult<DescribeKeyResponse> CachingKeyService::describe_key(const DescribeKeyRequest& req) {
+  return inner_.describe_key(req);
+}
+KmsResult<ListKeysResponse> CachingKeyService::list_keys(const ListKeysRequest& req) {
+  return inner_.list_keys(req);
+}
+KmsResult<void> CachingKeyService::create_alias(const CreateAliasRequest& req) {
+  return inner_.create_alias(req);
+}
+KmsResult<ListAliasesResponse> CachingKeyService::list_aliases(const ListAliasesRequest& req) {
+  return inner_.list_aliases(req);
+}
+KmsResult<EncryptResponse> CachingKeyService::encrypt(const EncryptRequest& req) {
+  return inner_.encrypt(req);
+}
+KmsResult<GenerateRandomResponse> CachingKeyService::generate_random(const GenerateRandomRequest& req) {
+  return inner_.generate_random(req);
+}
+KmsResult<nlohmann::json> CachingKeyService::call(std::string_view operation, const nlohmann::json& request) {
+  return inner_.call(operation, request);
+}
+
+KmsResult<GenerateDataKeyResponse> CachingKeyService::generate_data_key(const GenerateDataKeyRequest& req) {
+  auto res = inner_.generate_data_key(req);
+  if (res) cache_.put(res->ciphertext_blob, req.encryption_context, res->plaintext, res->key_id);
+  return res;
+}
+
+KmsResult<DecryptResponse> CachingKeyService::decrypt(const DecryptRequest& req) {
+  // A request naming a key or another algorithm goes to the KMS, which
+  // checks them (IncorrectKeyException); the cache answers the plain form.
+  const bool plain = !req.key_id && req.encryption_algorithm == "SYMMETRIC_DEFAULT";
+  if (plain) {
+    if (auto hit = cache_.get(req.ciphertext_blob, req.encryption_context)) {
+      DecryptResponse r;
+      r.key_id = std::move(hit->key_id);
+      r.plaintext = std::move(hit->plaintext);
+      return r;
+    }
+  }
+  auto res = inner_.decrypt(req);
+  if (res && plain) cache_.put(req.ciphertext_blob, req.encryption_context, res->plaintext, res->key_id);
+  return res;
+}
+
+// ---- DataKeyPrefetcher ---------------------------------------------------------
+
+DataKeyPrefetcher::DataKeyPrefetcher(KeyService& kms, std::string key_id, std::string key_spec,
+                                     ContextFn context_for, DataKeyPrefetcherOptions options)
+    : kms_(kms),
+      key_id_(std::move(key_id)),
+      key_spec_(std::move(key_spec)),
+      context_for_(std::move(context_for)),
+      opts_(options) {
+  if (opts_.pool_size > 0) thread_ = std::thread([this] { run(); });
+}
+
+DataKeyPrefetcher::~DataKeyPrefetcher() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stop_ = true;
+  }
+  cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
+}
+
+std::optional<PrefetchedDataKey> DataKeyPrefetcher::take() {
+  std::optional<PrefetchedDataKey> out;
+  std::list<Pooled> stale;  // destroyed (cleansed) outside the lock
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    const auto now = std::chrono::steady_clock::now();
+    while (!pool_.empty()) {
+      auto it = pool_.begin();
+      if (now - it->made > opts_.max_age) {
+        stale.splice(stale.end(), pool_, it);
+        continue;
+      }
+      out = std::move(it->key);
+      pool_.erase(it);
+      break;
+    }
+  }
+  cv_.notify_all();
+  return out;
+}
+
+std::size_t DataKeyPrefetcher::available() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return pool_.size();
+}
+
+void DataKeyPrefetcher::run() {
+  auto log = named_logger("kmsfs.kms");
+  auto backoff = opts_.initial_backoff;
+  bool failing = false;
+  while (true) {
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      // Wake at least once per max_age to drop stale keys and refill.
+      cv_.wait_for(lock, std::chrono::duration_cast<std::chrono::milliseconds>(opts_.max_age) / 2,
+                   [&] { return stop_ || pool_.size() < opts_.pool_size; });
+      if (stop_) return;
+      const auto now = std::chrono::steady_clock::now();
+      pool_.remove_if([&](const Pooled& p) { return now - p.made > opts_.max_age; });
+      if (pool_.size() >= opts_.pool_size) continue;
+    }
+    // The KMS call happens without the lock.
+    PrefetchedDataKey k;
+    crypto::random_bytes(k.file_id);
+    GenerateDataKeyRequest req;
+    req.key_id = key_id_;
+    req.key_spec = key_spec_;
+    req.encryption_context = context_for_(k.file_id);
+    auto res = kms_.generate_data_key(req);
+    if (!res) {
+      if (!failing) {
+        log->warn("data-key prefetch paused: {}; file creation asks the KMS directly until it answers",
+                  res.error().to_string());
+      }
+      failing = true;
+      std::unique_lock<std::mutex> lock(mu_);
+      cv_.wait_for(lock, backoff, [&] { return stop_; });
+      if (stop_) return;
+      backoff = std::min(backoff * 2, opts_.max_backoff);
+      continue;
+    }
+    if (failing) log->info("data-key prefetch resumed");
+    failing = false;
+    backoff = opts_.initial_backoff;
+    k.plaintext = std::move(res->plaintext);
+    k.ciphertext_blob = std::move(res->ciphertext_blob);
+    k.key_id = std::move(res->key_id);
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stop_) return;
+    pool_.push_back(Pooled{std::move(k), std::chrono::steady_clock::now()});
+  }
+}
+
+}  // namespace kmsfs::keyclient

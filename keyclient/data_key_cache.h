@@ -1,0 +1,168 @@
+#pragma once
+// Keeping KMS latency off the filesystem's hot path, modelled on the AWS
+// Encryption SDK's caching cryptographic materials manager:
+//
+// - DataKeyCache: plaintext data keys by (ciphertext blob, encryption
+//   context), each entry bounded by a maximum age, a maximum number of uses
+//   and the cache by a maximum number of entries (least recently used goes
+//   first). Entries live in SecureBuffers (mlocked, cleansed on eviction).
+// - CachingKeyService: a KeyService decorator answering Decrypt from the
+//   cache. A data key it generates is cached too, so reopening a file just
+//   created costs no KMS call. Every other operation passes through.
+//   The trade-off, as in the AWS SDK: a key disabled or a policy changed in
+//   the KMS takes effect for cached data keys only when they expire.
+// - DataKeyPrefetcher: a small pool of pre-generated (file id, DEK, wrapped
+//   DEK) triples for one filesystem, refilled by a background thread, so a
+//   file create does not wait for the HSM. The encryption context binds the
+//   file id, so the prefetcher makes the file id too.
+//
+// Thread safety: all public methods may be called concurrently.
+
+#include <array>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <thread>
+#include <unordered_map>
+
+#include "crypto/secure_buffer.h"
+#include "keyclient/key_service.h"
+
+namespace kmsfs::keyclient {
+
+struct DataKeyCacheOptions {
+  std::chrono::duration<double> max_age{300.0};
+  std::size_t max_entries = 4096;
+  std::uint64_t max_uses = 1u << 20;  // per entry, then it is fetched again
+};
+
+class DataKeyCache {
+ public:
+  using Clock = std::function<std::chrono::steady_clock::time_point()>;
+  explicit DataKeyCache(DataKeyCacheOptions options, Clock clock = std::chrono::steady_clock::now);
+  ~DataKeyCache();  // every entry cleansed
+  DataKeyCache(const DataKeyCache&) = delete;
+  DataKeyCache& operator=(const DataKeyCache&) = delete;
+
+  struct Hit {
+    crypto::SecureBuffer plaintext;  // a copy: the caller owns it
+    std::string key_id;
+  };
+  // Counts one use; expired or used-up entries are evicted and miss.
+  std::optional<Hit> get(const Bytes& blob, const EncryptionContext& context);
+  void put(const Bytes& blob, const EncryptionContext& context, const crypto::SecureBuffer& plaintext,
+           const std::string& key_id);
+  void clear();
+  std::size_t size() const;
+
+  struct Stats {
+    std::uint64_t hits = 0;
+    std::uint64_t misses = 0;
+    std::uint64_t evictions = 0;
+  };
+  Stats stats() const;
+
+ private:
+  using Digest = std::array<std::uint8_t, 32>;
+  struct DigestHash {
+    std::size_t operator()(const Digest& d) const noexcept;
+  };
+  struct Entry {
+    Digest id;
+    crypto::SecureBuffer plaintext;
+    std::string key_id;
+    std::chrono::steady_clock::time_point created;
+    std::uint64_t uses = 0;
+  };
+  static Digest digest(const Bytes& blob, const EncryptionContext& context);
+  void evict_locked(std::list<Entry>::iterator it);
+
+  DataKeyCacheOptions opts_;
+  Clock clock_;
+  mutable std::mutex mu_;  // guards lru_, index_, stats_
+  std::list<Entry> lru_;   // most recently used first
+  std::unordered_map<Digest, std::list<Entry>::iterator, DigestHash> index_;
+  Stats stats_;
+};
+
+// KeyService decorator: Decrypt answered from a DataKeyCache.
+class CachingKeyService final : public KeyService {
+ public:
+  CachingKeyService(KeyService& inner, DataKeyCacheOptions options);
+
+  KmsResult<CreateKeyResponse> create_key(const CreateKeyRequest& req) override;
+  KmsResult<DescribeKeyResponse> describe_key(const DescribeKeyRequest& req) override;
+  KmsResult<ListKeysResponse> list_keys(const ListKeysRequest& req) override;
+  KmsResult<void> create_alias(const CreateAliasRequest& req) override;
+  KmsResult<ListAliasesResponse> list_aliases(const ListAliasesRequest& req) override;
+  KmsResult<GenerateDataKeyResponse> generate_data_key(const GenerateDataKeyRequest& req) override;
+  KmsResult<DecryptResponse> decrypt(const DecryptRequest& req) override;
+  KmsResult<EncryptResponse> encrypt(const EncryptRequest& req) override;
+  KmsResult<GenerateRandomResponse> generate_random(const GenerateRandomRequest& req) override;
+  KmsResult<nlohmann::json> call(std::string_view operation, const nlohmann::json& request) override;
+
+  DataKeyCache& cache() { return cache_; }
+
+ private:
+  KeyService& inner_;
+  DataKeyCache cache_;
+};
+
+struct PrefetchedDataKey {
+  std::array<std::uint8_t, 16> file_id{};
+  crypto::SecureBuffer plaintext;
+  Bytes ciphertext_blob;
+  std::string key_id;  // ARN of the wrapping key
+};
+
+struct DataKeyPrefetcherOptions {
+  std::size_t pool_size = 8;
+  // A pre-generated key older than this is discarded (a key rotated in the
+  // meantime then wraps new files under its newest version soon enough).
+  std::chrono::duration<double> max_age{300.0};
+  std::chrono::milliseconds initial_backoff{500};
+  std::chrono::milliseconds max_backoff{30'000};
+};
+
+class DataKeyPrefetcher {
+ public:
+  // `context_for(file_id)` is the encryption context of a file; `key_id`
+  // the key that wraps; `key_spec` e.g. "AES_256".
+  using ContextFn = std::function<EncryptionContext(const std::array<std::uint8_t, 16>&)>;
+  DataKeyPrefetcher(KeyService& kms, std::string key_id, std::string key_spec, ContextFn context_for,
+                    DataKeyPrefetcherOptions options = {});
+  ~DataKeyPrefetcher();  // stops the thread; every pooled key cleansed
+  DataKeyPrefetcher(const DataKeyPrefetcher&) = delete;
+  DataKeyPrefetcher& operator=(const DataKeyPrefetcher&) = delete;
+
+  // A fresh triple if the pool has one (never blocks); wakes the refiller.
+  std::optional<PrefetchedDataKey> take();
+  std::size_t available() const;
+
+ private:
+  struct Pooled {
+    PrefetchedDataKey key;
+    std::chrono::steady_clock::time_point made;
+  };
+  void run();
+
+  KeyService& kms_;
+  std::string key_id_;
+  std::string key_spec_;
+  ContextFn context_for_;
+  DataKeyPrefetcherOptions opts_;
+
+  mutable std::mutex mu_;  // guards pool_, stop_
+  std::condition_variable cv_;
+  std::list<Pooled> pool_;
+  bool stop_ = false;
+  std::thread thread_;  // last: started after everything above exists
+};
+
+}  // namespace kmsfs::keyclient
