@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <linux/limits.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -16,6 +17,8 @@
 #include <vector>
 
 #include "crypto/block_layout.h"
+#include "crypto/encoding.h"
+#include "crypto/random.h"
 #include "fs/volume.h"
 
 namespace kmsfs::fs {
@@ -55,6 +58,7 @@ struct DirHandle {
   UniqueDir dir;
   off_t offset = 0;
   struct dirent* pending = nullptr;  // read but not yet delivered
+  DirIvBytes iv{};                   // encrypted names: the directory's IV
 };
 
 DirHandle* dir_handle(fuse_file_info* fi) { return reinterpret_cast<DirHandle*>(fi->fh); }
@@ -73,16 +77,12 @@ int backing_flags(int flags, bool read_only) {
 
 bool is_user_xattr(const char* name) { return std::strncmp(name, "user.", 5) == 0; }
 
-void convert_size(struct stat* st) {
-  if (S_ISREG(st->st_mode)) {
-    st->st_size = static_cast<off_t>(bl::plain_size(static_cast<std::uint64_t>(st->st_size)));
-  }
-}
 
 }  // namespace
 
-Filesystem::Filesystem(UniqueFd root_fd, FileKeys& keys, FsSettings settings)
-    : keys_(keys), settings_(settings) {
+Filesystem::Filesystem(UniqueFd root_fd, FileKeys& keys, const NameMapper& names,
+                       FsSettings settings)
+    : keys_(keys), names_(names), settings_(settings) {
   struct stat st {};
   if (::fstat(root_fd.get(), &st) != 0) throw std::runtime_error("cannot stat the cipher directory");
   root_.fd = std::move(root_fd);
@@ -105,7 +105,67 @@ fuse_ino_t Filesystem::ino_of(Inode& inode) {
 }
 
 bool Filesystem::reserved_name(fuse_ino_t parent, const char* name) const {
-  return parent == FUSE_ROOT_ID && std::strcmp(name, VolumeConfig::kFileName) == 0;
+  // With encrypted names every plaintext name is available: kmsfs's own
+  // backing files have names no encrypted name can take.
+  return !names_.encrypted() && names_.is_internal(name, parent == FUSE_ROOT_ID);
+}
+
+void Filesystem::to_plain_attr(int fd, struct stat* st) const {
+  if (S_ISREG(st->st_mode)) {
+    st->st_size = static_cast<off_t>(bl::plain_size(static_cast<std::uint64_t>(st->st_size)));
+  } else if (S_ISLNK(st->st_mode) && names_.encrypted()) {
+    char buf[PATH_MAX + 1];
+    ssize_t n = ::readlinkat(fd, "", buf, sizeof buf - 1);
+    if (n >= 0) {
+      auto plain = names_.decrypt_symlink(std::string_view(buf, static_cast<size_t>(n)));
+      if (plain) st->st_size = static_cast<off_t>(plain->size());
+    }
+  }
+}
+
+int Filesystem::dir_iv(Inode& dir, DirIvBytes& iv) {
+  {
+    std::lock_guard lock(dir.state_mutex);
+    if (dir.dir_iv) {
+      iv = *dir.dir_iv;
+      return 0;
+    }
+  }
+  int err = NameMapper::read_dir_iv(dir.fd.get(), iv);
+  if (err != 0) {
+    if (err == ENOENT || err == EIO) {
+      logger()->error("directory (backing inode {}) has a {} kmsfs.diriv: its names cannot be "
+                      "read; run kmsfs fsck", dir.ino, err == ENOENT ? "missing" : "damaged");
+      return EIO;
+    }
+    return err;
+  }
+  std::lock_guard lock(dir.state_mutex);
+  dir.dir_iv = iv;
+  return 0;
+}
+
+int Filesystem::backing_name(Inode& dir, const char* name, NameMapper::Backing& out) {
+  DirIvBytes iv{};
+  if (names_.encrypted()) {
+    if (int err = dir_iv(dir, iv); err != 0) return err;
+  }
+  auto b = names_.to_backing(name, iv);
+  if (!b) return ENAMETOOLONG;
+  out = std::move(*b);
+  return 0;
+}
+
+int Filesystem::prepare_long_name(Inode& dir, const NameMapper::Backing& b) {
+  return b.is_long() ? NameMapper::write_side_file(dir.fd.get(), b) : 0;
+}
+
+void Filesystem::undo_long_name(Inode& dir, const NameMapper::Backing& b) {
+  if (!b.is_long()) return;
+  struct stat st {};
+  if (::fstatat(dir.fd.get(), b.name.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 && errno == ENOENT) {
+    NameMapper::remove_side_file(dir.fd.get(), b);
+  }
 }
 
 int Filesystem::stat_inode(Inode& inode, struct stat* st) {
@@ -116,7 +176,7 @@ int Filesystem::stat_inode(Inode& inode, struct stat* st) {
   } else if (::fstatat(inode.fd.get(), "", st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) {
     return errno;
   }
-  convert_size(st);
+  to_plain_attr(inode.fd.get(), st);
   return 0;
 }
 
@@ -166,7 +226,7 @@ int Filesystem::do_lookup(Inode& parent, const char* name, fuse_entry_param* e) 
       return err;
     }
   }
-  convert_size(&st);
+  to_plain_attr(inode->fd.get(), &st);
   e->attr = st;
   e->ino = ino_of(*inode);
   return 0;
@@ -191,7 +251,9 @@ void Filesystem::lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
     fuse_reply_err(req, ENOENT);
     return;
   }
-  int err = do_lookup(inode_of(parent), name, &e);
+  NameMapper::Backing b;
+  int err = backing_name(inode_of(parent), name, b);
+  if (err == 0) err = do_lookup(inode_of(parent), b.name.c_str(), &e);
   if (err == ENOENT) {
     // Negative entry, cached for entry_timeout.
     std::memset(&e, 0, sizeof e);
@@ -310,8 +372,12 @@ void Filesystem::readlink(fuse_req_t req, fuse_ino_t ino) {
   ssize_t n = ::readlinkat(inode_of(ino).fd.get(), "", buf, sizeof buf);
   if (n < 0) return (void)fuse_reply_err(req, errno);
   if (static_cast<size_t>(n) >= sizeof buf) return (void)fuse_reply_err(req, ENAMETOOLONG);
-  buf[n] = '\0';
-  fuse_reply_readlink(req, buf);
+  auto plain = names_.decrypt_symlink(std::string_view(buf, static_cast<size_t>(n)));
+  if (!plain) {
+    logger()->error("symlink (backing inode {}) has a damaged target", inode_of(ino).ino);
+    return (void)fuse_reply_err(req, EIO);
+  }
+  fuse_reply_readlink(req, plain->c_str());
 }
 
 void Filesystem::chown_to_caller(fuse_req_t req, int dirfd, const char* name) {
@@ -336,11 +402,29 @@ void Filesystem::mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode
                        dev_t rdev) {
   if (reserved_name(parent, name)) return (void)fuse_reply_err(req, EPERM);
   Inode& p = inode_of(parent);
-  int rc = S_ISDIR(mode) ? ::mkdirat(p.fd.get(), name, mode & 07777)
-                         : ::mknodat(p.fd.get(), name, mode, rdev);
-  if (rc != 0) return (void)fuse_reply_err(req, errno);
-  chown_to_caller(req, p.fd.get(), name);
-  reply_new_entry(req, p, name);
+  NameMapper::Backing b;
+  if (int err = backing_name(p, name, b); err != 0) return (void)fuse_reply_err(req, err);
+  if (int err = prepare_long_name(p, b); err != 0) return (void)fuse_reply_err(req, err);
+  const char* bn = b.name.c_str();
+  int rc = S_ISDIR(mode) ? ::mkdirat(p.fd.get(), bn, mode & 07777) : ::mknodat(p.fd.get(), bn, mode, rdev);
+  if (rc != 0) {
+    int err = errno;
+    if (err != EEXIST) undo_long_name(p, b);
+    return (void)fuse_reply_err(req, err);
+  }
+  if (S_ISDIR(mode) && names_.encrypted()) {
+    // A new directory gets its IV before anyone can create names in it.
+    UniqueFd dfd(::openat(p.fd.get(), bn, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+    int err = dfd.valid() ? NameMapper::create_dir_iv(dfd.get()) : errno;
+    if (err != 0) {
+      dfd.reset();
+      ::unlinkat(p.fd.get(), bn, AT_REMOVEDIR);
+      undo_long_name(p, b);
+      return (void)fuse_reply_err(req, err);
+    }
+  }
+  chown_to_caller(req, p.fd.get(), bn);
+  reply_new_entry(req, p, bn);
 }
 
 void Filesystem::mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
@@ -349,20 +433,68 @@ void Filesystem::mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode
 
 void Filesystem::unlink(fuse_req_t req, fuse_ino_t parent, const char* name) {
   if (reserved_name(parent, name)) return (void)fuse_reply_err(req, ENOENT);
-  fuse_reply_err(req, ::unlinkat(inode_of(parent).fd.get(), name, 0) == 0 ? 0 : errno);
+  Inode& p = inode_of(parent);
+  NameMapper::Backing b;
+  if (int err = backing_name(p, name, b); err != 0) return (void)fuse_reply_err(req, err);
+  if (::unlinkat(p.fd.get(), b.name.c_str(), 0) != 0) return (void)fuse_reply_err(req, errno);
+  NameMapper::remove_side_file(p.fd.get(), b);
+  fuse_reply_err(req, 0);
 }
 
 void Filesystem::rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
   if (reserved_name(parent, name)) return (void)fuse_reply_err(req, ENOENT);
-  fuse_reply_err(req, ::unlinkat(inode_of(parent).fd.get(), name, AT_REMOVEDIR) == 0 ? 0 : errno);
+  Inode& p = inode_of(parent);
+  NameMapper::Backing b;
+  if (int err = backing_name(p, name, b); err != 0) return (void)fuse_reply_err(req, err);
+  const char* bn = b.name.c_str();
+  if (!names_.encrypted()) {
+    return (void)fuse_reply_err(req, ::unlinkat(p.fd.get(), bn, AT_REMOVEDIR) == 0 ? 0 : errno);
+  }
+  // The backing directory holds its kmsfs.diriv: it is empty for the user
+  // when nothing else is there. The IV moves out to the parent so that
+  // rmdir(2) sees an empty directory, and moves back if rmdir fails.
+  UniqueFd dfd(::openat(p.fd.get(), bn, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!dfd.valid()) return (void)fuse_reply_err(req, errno);
+  {
+    UniqueFd scan_fd(::dup(dfd.get()));
+    UniqueDir scan(scan_fd.valid() ? ::fdopendir(scan_fd.get()) : nullptr);
+    if (!scan) return (void)fuse_reply_err(req, errno);
+    (void)scan_fd.release();
+    while (dirent* e = ::readdir(scan.get())) {
+      if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0 &&
+          std::strcmp(e->d_name, NameMapper::kDirIvName) != 0) {
+        return (void)fuse_reply_err(req, ENOTEMPTY);
+      }
+    }
+  }
+  std::array<std::uint8_t, 8> rnd{};
+  crypto::random_bytes(rnd);
+  const std::string parked = "kmsfs.rmdir." + crypto::to_hex(rnd);
+  const bool had_iv = ::renameat(dfd.get(), NameMapper::kDirIvName, p.fd.get(), parked.c_str()) == 0;
+  if (::unlinkat(p.fd.get(), bn, AT_REMOVEDIR) != 0) {
+    int err = errno;
+    if (had_iv) (void)::renameat(p.fd.get(), parked.c_str(), dfd.get(), NameMapper::kDirIvName);
+    return (void)fuse_reply_err(req, err);
+  }
+  if (had_iv) (void)::unlinkat(p.fd.get(), parked.c_str(), 0);
+  NameMapper::remove_side_file(p.fd.get(), b);
+  fuse_reply_err(req, 0);
 }
 
 void Filesystem::symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name) {
   if (reserved_name(parent, name)) return (void)fuse_reply_err(req, EPERM);
   Inode& p = inode_of(parent);
-  if (::symlinkat(link, p.fd.get(), name) != 0) return (void)fuse_reply_err(req, errno);
-  chown_to_caller(req, p.fd.get(), name);
-  reply_new_entry(req, p, name);
+  NameMapper::Backing b;
+  if (int err = backing_name(p, name, b); err != 0) return (void)fuse_reply_err(req, err);
+  if (int err = prepare_long_name(p, b); err != 0) return (void)fuse_reply_err(req, err);
+  const std::string target = names_.encrypt_symlink(link);
+  if (::symlinkat(target.c_str(), p.fd.get(), b.name.c_str()) != 0) {
+    int err = errno;
+    if (err != EEXIST) undo_long_name(p, b);
+    return (void)fuse_reply_err(req, err);
+  }
+  chown_to_caller(req, p.fd.get(), b.name.c_str());
+  reply_new_entry(req, p, b.name.c_str());
 }
 
 void Filesystem::rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
@@ -371,19 +503,42 @@ void Filesystem::rename(fuse_req_t req, fuse_ino_t parent, const char* name, fus
     return (void)fuse_reply_err(req, EPERM);
   }
   if ((flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE)) != 0) return (void)fuse_reply_err(req, EINVAL);
-  int rc = ::renameat2(inode_of(parent).fd.get(), name, inode_of(newparent).fd.get(), newname, flags);
-  fuse_reply_err(req, rc == 0 ? 0 : errno);
+  Inode& from = inode_of(parent);
+  Inode& to = inode_of(newparent);
+  NameMapper::Backing src;
+  NameMapper::Backing dst;
+  if (int err = backing_name(from, name, src); err != 0) return (void)fuse_reply_err(req, err);
+  if (int err = backing_name(to, newname, dst); err != 0) return (void)fuse_reply_err(req, err);
+  // A side file names a directory entry, not an object: the target's side
+  // file must exist before the entry does, and the source's goes once the
+  // entry has moved (with RENAME_EXCHANGE both names stay in use).
+  if (int err = prepare_long_name(to, dst); err != 0) return (void)fuse_reply_err(req, err);
+  if (::renameat2(from.fd.get(), src.name.c_str(), to.fd.get(), dst.name.c_str(), flags) != 0) {
+    int err = errno;
+    undo_long_name(to, dst);
+    return (void)fuse_reply_err(req, err);
+  }
+  if ((flags & RENAME_EXCHANGE) == 0 && src.is_long() &&
+      !(&from == &to && src.name == dst.name)) {
+    NameMapper::remove_side_file(from.fd.get(), src);
+  }
+  fuse_reply_err(req, 0);
 }
 
 void Filesystem::link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname) {
   if (reserved_name(newparent, newname)) return (void)fuse_reply_err(req, EPERM);
   Inode& inode = inode_of(ino);
   Inode& np = inode_of(newparent);
-  if (::linkat(AT_FDCWD, proc_path(inode.fd.get()).c_str(), np.fd.get(), newname,
+  NameMapper::Backing b;
+  if (int err = backing_name(np, newname, b); err != 0) return (void)fuse_reply_err(req, err);
+  if (int err = prepare_long_name(np, b); err != 0) return (void)fuse_reply_err(req, err);
+  if (::linkat(AT_FDCWD, proc_path(inode.fd.get()).c_str(), np.fd.get(), b.name.c_str(),
                AT_SYMLINK_FOLLOW) != 0) {
-    return (void)fuse_reply_err(req, errno);
+    int err = errno;
+    if (err != EEXIST) undo_long_name(np, b);
+    return (void)fuse_reply_err(req, err);
   }
-  reply_new_entry(req, np, newname);
+  reply_new_entry(req, np, b.name.c_str());
 }
 
 Result<std::shared_ptr<const FileKey>, int> Filesystem::load_key(Inode& inode, int fd) {
@@ -552,13 +707,20 @@ void Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name, mod
   if (reserved_name(parent, name)) return (void)fuse_reply_err(req, EPERM);
   if (settings_.read_only) return (void)fuse_reply_err(req, EROFS);
   Inode& p = inode_of(parent);
+  NameMapper::Backing b;
+  if (int err = backing_name(p, name, b); err != 0) return (void)fuse_reply_err(req, err);
+  if (int err = prepare_long_name(p, b); err != 0) return (void)fuse_reply_err(req, err);
   int flags = backing_flags(fi->flags, false) | O_CREAT | (fi->flags & O_EXCL) | O_NOFOLLOW;
-  UniqueFd fd(::openat(p.fd.get(), name, flags, mode & 07777));
-  if (!fd.valid()) return (void)fuse_reply_err(req, errno);
-  chown_to_caller(req, p.fd.get(), name);
+  UniqueFd fd(::openat(p.fd.get(), b.name.c_str(), flags, mode & 07777));
+  if (!fd.valid()) {
+    int err = errno;
+    if (err != EEXIST) undo_long_name(p, b);
+    return (void)fuse_reply_err(req, err);
+  }
+  chown_to_caller(req, p.fd.get(), b.name.c_str());
 
   fuse_entry_param e{};
-  if (int err = do_lookup(p, name, &e); err != 0) return (void)fuse_reply_err(req, err);
+  if (int err = do_lookup(p, b.name.c_str(), &e); err != 0) return (void)fuse_reply_err(req, err);
   Inode& inode = inode_of(e.ino);
   {
     std::lock_guard lock(inode.state_mutex);
@@ -682,6 +844,9 @@ void Filesystem::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   UniqueFd fd(::openat(inode.fd.get(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!fd.valid()) return (void)fuse_reply_err(req, errno);
   auto handle = std::make_unique<DirHandle>();
+  if (names_.encrypted()) {
+    if (int err = dir_iv(inode, handle->iv); err != 0) return (void)fuse_reply_err(req, err);
+  }
   handle->dir.reset(::fdopendir(fd.get()));
   if (!handle->dir) return (void)fuse_reply_err(req, errno);
   (void)fd.release();  // owned by the DIR stream now
@@ -713,14 +878,24 @@ void Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     }
     d->pending = nullptr;
     const off_t next = entry->d_off;
-    if (reserved_name(ino, entry->d_name)) {
+    const bool dot = std::strcmp(entry->d_name, ".") == 0 || std::strcmp(entry->d_name, "..") == 0;
+    std::optional<std::string> plain_name;
+    if (dot) {
+      plain_name = entry->d_name;
+    } else if (!names_.is_internal(entry->d_name, ino == FUSE_ROOT_ID)) {
+      plain_name = names_.to_plain(::dirfd(d->dir.get()), entry->d_name, d->iv);
+      if (!plain_name) {
+        logger()->warn("skipping backing entry '{}' (directory backing inode {}): its name does "
+                       "not decrypt; run kmsfs fsck", entry->d_name, dir_inode.ino);
+      }
+    }
+    if (!plain_name) {
       d->offset = next;
       continue;
     }
     size_t need = 0;
     if (plus) {
       fuse_entry_param e{};
-      const bool dot = std::strcmp(entry->d_name, ".") == 0 || std::strcmp(entry->d_name, "..") == 0;
       if (dot) {
         e.attr.st_ino = entry->d_ino;
         e.attr.st_mode = static_cast<mode_t>(entry->d_type) << 12;
@@ -732,7 +907,7 @@ void Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         if (used == 0) return (void)fuse_reply_err(req, err);
         break;
       }
-      need = fuse_add_direntry_plus(req, buf.data() + used, size - used, entry->d_name, &e, next);
+      need = fuse_add_direntry_plus(req, buf.data() + used, size - used, plain_name->c_str(), &e, next);
       if (need > size - used) {
         if (!dot) forget(e.ino, 1);  // not delivered: give the reference back
         d->pending = entry;
@@ -742,7 +917,7 @@ void Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
       struct stat st {};
       st.st_ino = entry->d_ino;
       st.st_mode = static_cast<mode_t>(entry->d_type) << 12;
-      need = fuse_add_direntry(req, buf.data() + used, size - used, entry->d_name, &st, next);
+      need = fuse_add_direntry(req, buf.data() + used, size - used, plain_name->c_str(), &st, next);
       if (need > size - used) {
         d->pending = entry;
         break;
@@ -775,11 +950,16 @@ void Filesystem::statfs(fuse_req_t req, fuse_ino_t) {
 void Filesystem::setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, const char* value,
                           size_t size, int flags) {
   // Only the user namespace is stored; security.* and trusted.* would be
-  // interpreted by the backing filesystem, not the mount.
+  // interpreted by the backing filesystem, not the mount. Names and values
+  // are encrypted with encrypted names.
   if (!is_user_xattr(name)) return (void)fuse_reply_err(req, EOPNOTSUPP);
   Inode& inode = inode_of(ino);
   if (inode.type != S_IFREG && inode.type != S_IFDIR) return (void)fuse_reply_err(req, EPERM);
-  int rc = ::setxattr(proc_path(inode.fd.get()).c_str(), name, value, size, flags);
+  const std::string stored = names_.encrypt_xattr_name(name);
+  if (stored.size() > XATTR_NAME_MAX) return (void)fuse_reply_err(req, ERANGE);
+  auto sealed = names_.encrypt_xattr_value(
+      stored, std::span(reinterpret_cast<const std::uint8_t*>(value), size));
+  int rc = ::setxattr(proc_path(inode.fd.get()).c_str(), stored.c_str(), sealed.data(), sealed.size(), flags);
   fuse_reply_err(req, rc == 0 ? 0 : errno);
 }
 
@@ -788,15 +968,21 @@ void Filesystem::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size
   Inode& inode = inode_of(ino);
   if (inode.type != S_IFREG && inode.type != S_IFDIR) return (void)fuse_reply_err(req, ENODATA);
   const std::string path = proc_path(inode.fd.get());
-  if (size == 0) {
-    ssize_t n = ::getxattr(path.c_str(), name, nullptr, 0);
-    if (n < 0) return (void)fuse_reply_err(req, errno);
-    return (void)fuse_reply_xattr(req, static_cast<size_t>(n));
-  }
-  std::vector<char> buf(size);
-  ssize_t n = ::getxattr(path.c_str(), name, buf.data(), size);
+  const std::string stored = names_.encrypt_xattr_name(name);
+  ssize_t n = ::getxattr(path.c_str(), stored.c_str(), nullptr, 0);
   if (n < 0) return (void)fuse_reply_err(req, errno);
-  fuse_reply_buf(req, buf.data(), static_cast<size_t>(n));
+  std::vector<std::uint8_t> raw(static_cast<size_t>(n));
+  n = ::getxattr(path.c_str(), stored.c_str(), raw.data(), raw.size());
+  if (n < 0) return (void)fuse_reply_err(req, errno);
+  raw.resize(static_cast<size_t>(n));
+  auto plain = names_.decrypt_xattr_value(stored, raw);
+  if (!plain) {
+    logger()->error("xattr of backing inode {} does not decrypt (damaged)", inode.ino);
+    return (void)fuse_reply_err(req, EIO);
+  }
+  if (size == 0) return (void)fuse_reply_xattr(req, plain->size());
+  if (plain->size() > size) return (void)fuse_reply_err(req, ERANGE);
+  fuse_reply_buf(req, reinterpret_cast<const char*>(plain->data()), plain->size());
 }
 
 void Filesystem::listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
@@ -810,9 +996,11 @@ void Filesystem::listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
     n = ::listxattr(path.c_str(), all.data(), all.size());
     if (n < 0) return (void)fuse_reply_err(req, errno);
     for (ssize_t i = 0; i < n;) {
-      const char* name = all.data() + i;
-      size_t len = std::strlen(name);
-      if (is_user_xattr(name)) names.append(name, len + 1);
+      const char* stored = all.data() + i;
+      size_t len = std::strlen(stored);
+      if (is_user_xattr(stored)) {
+        if (auto plain = names_.decrypt_xattr_name(stored)) names.append(*plain).push_back('\0');
+      }
       i += static_cast<ssize_t>(len) + 1;
     }
   }
@@ -825,7 +1013,8 @@ void Filesystem::removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
   if (!is_user_xattr(name)) return (void)fuse_reply_err(req, ENODATA);
   Inode& inode = inode_of(ino);
   if (inode.type != S_IFREG && inode.type != S_IFDIR) return (void)fuse_reply_err(req, ENODATA);
-  int rc = ::removexattr(proc_path(inode.fd.get()).c_str(), name);
+  const std::string stored = names_.encrypt_xattr_name(name);
+  int rc = ::removexattr(proc_path(inode.fd.get()).c_str(), stored.c_str());
   fuse_reply_err(req, rc == 0 ? 0 : errno);
 }
 

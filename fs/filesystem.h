@@ -15,12 +15,14 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <shared_mutex>
 #include <string>
 #include <utility>
 
 #include "fs/encrypted_file.h"
 #include "fs/file_keys.h"
+#include "fs/name_mapper.h"
 #include "fs/unique_fd.h"
 
 namespace kmsfs::fs {
@@ -52,12 +54,13 @@ struct Inode {
   // (or during one operation on a closed file) and zeroized when dropped.
   std::shared_ptr<const FileKey> key;
   int open_count = 0;
-  std::string label;  // last name looked up, for log lines
+  std::string label;  // last backing name looked up, for log lines
+  std::optional<DirIvBytes> dir_iv;  // directories with encrypted names
 };
 
 class Filesystem {
  public:
-  Filesystem(UniqueFd root_fd, FileKeys& keys, FsSettings settings);
+  Filesystem(UniqueFd root_fd, FileKeys& keys, const NameMapper& names, FsSettings settings);
   ~Filesystem();
 
   static const fuse_lowlevel_ops& operations();
@@ -101,9 +104,20 @@ class Filesystem {
  private:
   Inode& inode_of(fuse_ino_t ino);
   fuse_ino_t ino_of(Inode& inode);
-  // Looks `name` up under `parent`, taking one lookup reference; 0 or errno.
+  // Looks the backing entry `name` up under `parent`, taking one lookup
+  // reference; 0 or errno.
   int do_lookup(Inode& parent, const char* name, fuse_entry_param* e);
   int stat_inode(Inode& inode, struct stat* st);
+  // Plaintext view of a backing stat: sizes of files and symlinks.
+  void to_plain_attr(int fd, struct stat* st) const;
+  // The directory's IV (cached); 0 or errno (EIO when it is missing).
+  int dir_iv(Inode& dir, DirIvBytes& iv);
+  // The backing name of `name` in `dir`; 0 or errno.
+  int backing_name(Inode& dir, const char* name, NameMapper::Backing& out);
+  // Writes a long name's side file before the entry is created.
+  int prepare_long_name(Inode& dir, const NameMapper::Backing& b);
+  // Removes a side file written by prepare_long_name if no entry uses it.
+  void undo_long_name(Inode& dir, const NameMapper::Backing& b);
   bool reserved_name(fuse_ino_t parent, const char* name) const;
   void reply_new_entry(fuse_req_t req, Inode& parent, const char* name);
   void chown_to_caller(fuse_req_t req, int dirfd, const char* name);
@@ -120,6 +134,7 @@ class Filesystem {
                       std::unique_lock<std::shared_mutex>& lock);
 
   FileKeys& keys_;
+  const NameMapper& names_;
   FsSettings settings_;
   Inode root_;
   std::mutex table_mutex_;

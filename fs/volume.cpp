@@ -7,6 +7,7 @@
 #include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <csignal>
 #include <chrono>
@@ -18,6 +19,7 @@
 #include "crypto/encoding.h"
 #include "crypto/random.h"
 #include "fs/filesystem.h"
+#include "fs/name_mapper.h"
 
 namespace kmsfs::fs {
 
@@ -37,7 +39,7 @@ std::shared_ptr<spdlog::logger> logger() {
 // refused: it was written by a newer kmsfs whose format this one would
 // misread.
 const std::set<std::string>& known_features() {
-  static const std::set<std::string> known{};
+  static const std::set<std::string> known{VolumeConfig::kFeatureEncryptedNames};
   return known;
 }
 
@@ -84,6 +86,14 @@ double now_seconds() {
 }  // namespace
 
 std::string VolumeConfig::filesystem_id_hex() const { return crypto::to_hex(filesystem_id); }
+
+bool VolumeConfig::has_feature(const std::string& f) const {
+  return std::find(features.begin(), features.end(), f) != features.end();
+}
+
+keyclient::EncryptionContext name_key_context(const VolumeConfig& c) {
+  return {{"kmsfs:fs", c.filesystem_id_hex()}, {"kmsfs:purpose", "filenames"}};
+}
 
 Result<VolumeConfig, std::string> VolumeConfig::load(const std::string& cipherdir) {
   const std::string path = cipherdir + "/" + kFileName;
@@ -132,6 +142,17 @@ Result<VolumeConfig, std::string> VolumeConfig::load(const std::string& cipherdi
       }
     }
     c.creation_date = j.value("creation_date", 0.0);
+    if (c.has_feature(kFeatureEncryptedNames)) {
+      auto wrapped = crypto::from_base64(j.at("wrapped_name_key").get<std::string>());
+      if (!wrapped || wrapped->empty()) {
+        return unexpected(path + ": \"wrapped_name_key\" is not valid base64");
+      }
+      c.wrapped_name_key = std::move(*wrapped);
+      c.long_name_max = j.value("long_name_max", 255U);
+      if (c.long_name_max < NameMapper::kMinLongNameMax || c.long_name_max > NameMapper::kMaxName) {
+        return unexpected(path + ": \"long_name_max\" must be in 63..255");
+      }
+    }
     return c;
   } catch (const json::exception& e) {
     return unexpected(path + ": missing or malformed field: " + e.what());
@@ -148,6 +169,10 @@ Result<void, std::string> VolumeConfig::save(const std::string& cipherdir) const
       {"features", features},
       {"creation_date", creation_date},
   };
+  if (has_feature(kFeatureEncryptedNames)) {
+    j["wrapped_name_key"] = crypto::to_base64(wrapped_name_key);
+    j["long_name_max"] = long_name_max;
+  }
   return write_atomically(cipherdir, kFileName, j.dump(2) + "\n", 0600);
 }
 
@@ -220,7 +245,12 @@ Result<MountOptions, std::string> parse_mount_options(const std::string& opts, M
 }
 
 Result<VolumeConfig, std::string> init_volume(keyclient::KeyService& kms, const std::string& cipherdir,
-                                              const std::string& key_id) {
+                                              const std::string& key_id, const InitOptions& options) {
+  if (!options.plaintext_names && (options.long_name_max < NameMapper::kMinLongNameMax ||
+                                   options.long_name_max > NameMapper::kMaxName)) {
+    return unexpected("--long-name-max must be in " + std::to_string(NameMapper::kMinLongNameMax) +
+                      "..255");
+  }
   struct stat st {};
   if (::stat(cipherdir.c_str(), &st) != 0) {
     if (errno != ENOENT) return unexpected(cipherdir + ": " + errno_text(errno));
@@ -263,6 +293,26 @@ Result<VolumeConfig, std::string> init_volume(keyclient::KeyService& kms, const 
   if (!(pt->plaintext == dk->plaintext)) {
     return unexpected("key " + key_id + ": the KMS returned a different data key on decrypt");
   }
+  if (!options.plaintext_names) {
+    keyclient::GenerateDataKeyRequest nk;
+    nk.key_id = c.key_id;
+    nk.number_of_bytes = static_cast<int>(crypto::NameCipher::kKeySize);
+    nk.encryption_context = name_key_context(c);
+    auto name_key = kms.generate_data_key(nk);
+    if (!name_key) {
+      return unexpected("key " + key_id + ": cannot generate the name key: " + name_key.error().to_string());
+    }
+    c.features.push_back(VolumeConfig::kFeatureEncryptedNames);
+    c.wrapped_name_key = std::move(name_key->ciphertext_blob);
+    c.long_name_max = options.long_name_max;
+    UniqueFd root(::open(cipherdir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    int err = root.valid() ? NameMapper::create_dir_iv(root.get()) : errno;
+    if (err != 0 && err != EEXIST) {
+      return unexpected("cannot create " + cipherdir + "/" + NameMapper::kDirIvName + ": " + errno_text(err));
+    }
+  }
+  // kmsfs.json last: a directory without it is not a volume yet, and init
+  // can simply be run again.
   if (auto r = c.save(cipherdir); !r) return unexpected(r.error());
   return c;
 }
@@ -271,6 +321,7 @@ struct Volume::Impl {
   keyclient::KeyService& kms;
   std::string cipherdir;
   VolumeConfig config;
+  NameMapper names;
 };
 
 Volume::Volume(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -290,7 +341,21 @@ Result<std::unique_ptr<Volume>, std::string> Volume::open(keyclient::KeyService&
     return unexpected("the volume's key " + config->key_id + " is " +
                       desc->key_metadata.key_state + "; enable it to mount");
   }
-  auto impl = std::make_unique<Impl>(Impl{kms, cipherdir, std::move(*config)});
+  NameMapper names;
+  if (config->has_feature(VolumeConfig::kFeatureEncryptedNames)) {
+    // One KMS call per mount: names never cost a KMS round trip.
+    keyclient::DecryptRequest req;
+    req.ciphertext_blob = config->wrapped_name_key;
+    req.encryption_context = name_key_context(*config);
+    auto key = kms.decrypt(req);
+    if (!key) return unexpected("cannot unwrap the volume's name key: " + key.error().to_string());
+    if (key->plaintext.size() != crypto::NameCipher::kKeySize) {
+      return unexpected(std::string("the volume's name key has the wrong size"));
+    }
+    names = NameMapper(std::make_unique<crypto::NameCipher>(std::move(key->plaintext)),
+                       config->long_name_max);
+  }
+  auto impl = std::make_unique<Impl>(Impl{kms, cipherdir, std::move(*config), std::move(names)});
   return std::unique_ptr<Volume>(new Volume(std::move(impl)));
 }
 
@@ -306,7 +371,7 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
   settings.writeback_cache = opts.writeback_cache && !opts.read_only;
   settings.kernel_cache = opts.kernel_cache;
   settings.read_only = opts.read_only;
-  Filesystem filesystem(std::move(root), keys, settings);
+  Filesystem filesystem(std::move(root), keys, impl_->names, settings);
 
   // The fsname may not contain a comma (it would split the option string).
   std::string fsname = opts.fsname.empty() ? "kmsfs:" + impl_->cipherdir : opts.fsname;

@@ -25,12 +25,25 @@ struct VolumeConfig {
   std::uint32_t block_size = 4096;
   std::vector<std::string> features;  // feature flags; unknown ones refuse the mount
   double creation_date = 0;
+  // Feature "encrypted_names": the 64-byte name key wrapped by the KMS
+  // (GenerateDataKey, context {"kmsfs:fs": id, "kmsfs:purpose": "filenames"})
+  // and the longest encrypted name stored as a plain directory entry.
+  std::vector<std::uint8_t> wrapped_name_key;
+  std::uint32_t long_name_max = 255;
+
+  static constexpr const char* kFeatureEncryptedNames = "encrypted_names";
+  bool has_feature(const std::string& f) const;
 
   std::string filesystem_id_hex() const;
   // Reads and validates; errors name the file and the reason.
   static Result<VolumeConfig, std::string> load(const std::string& cipherdir);
   // Atomic replace (temp file, fsync, rename, fsync dir).
   Result<void, std::string> save(const std::string& cipherdir) const;
+};
+
+struct InitOptions {
+  bool plaintext_names = false;
+  std::uint32_t long_name_max = 255;  // 63..255
 };
 
 struct MountOptions {
@@ -52,7 +65,7 @@ Result<MountOptions, std::string> parse_mount_options(const std::string& opts, M
 // Creates CIPHERDIR/kmsfs.json for a new volume whose DEKs `key_id` wraps.
 // CIPHERDIR must exist and be empty (or not exist: it is created 0700).
 Result<VolumeConfig, std::string> init_volume(keyclient::KeyService& kms, const std::string& cipherdir,
-                                              const std::string& key_id);
+                                              const std::string& key_id, const InitOptions& options = {});
 
 class Volume {
  public:

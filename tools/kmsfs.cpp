@@ -43,7 +43,8 @@ Transparently encrypted directories whose per-file data keys are wrapped by
 an HSM-backed KMS.
 
 Commands:
-  init CIPHERDIR [--key KEY]         create a new encrypted volume in CIPHERDIR
+  init CIPHERDIR [--key KEY] [--plaintext-names] [--long-name-max N]
+                                     create a new encrypted volume in CIPHERDIR
                                      (KEY: key id, ARN or alias; default: the
                                      managed key alias/kmsfs/default)
   mount CIPHERDIR MOUNTPOINT [-f] [-o OPTS]
@@ -136,10 +137,17 @@ std::string absolute_path(const std::string& p) {
 }
 
 int cmd_init(const kmsfs::cli::GlobalOptions& g, const std::vector<std::string>& args) {
-  po::options_description desc("Usage: kmsfs init CIPHERDIR [--key KEY]\n\nOptions");
+  po::options_description desc(
+      "Usage: kmsfs init CIPHERDIR [--key KEY] [--plaintext-names] [--long-name-max N]\n\nOptions");
   std::string key;
+  kmsfs::fs::InitOptions init_options;
   desc.add_options()("key", po::value<std::string>(&key)->default_value(kmsfs::keyclient::kDefaultManagedAlias),
                      "KMS key that wraps the volume's data keys (key id, ARN or alias)")(
+      "plaintext-names", po::bool_switch(&init_options.plaintext_names),
+      "store file names unencrypted (names are encrypted with AES-256-SIV by default)")(
+      "long-name-max", po::value<std::uint32_t>(&init_options.long_name_max)->default_value(255),
+      "longest encrypted name stored as is (63..255); longer ones go through a hashed name "
+      "and a side file — lower it for sync services with shorter name limits")(
       "help,h", "this help");
   po::options_description hidden;
   std::string cipherdir;
@@ -159,7 +167,7 @@ int cmd_init(const kmsfs::cli::GlobalOptions& g, const std::vector<std::string>&
 
   auto kms = kmsfs::keyclient::make_key_service(g.kms);
   if (!kms) return fail(kmsfs::cli::exit_code_for(kms.error()), "KMS: " + kms.error().to_string());
-  auto config = kmsfs::fs::init_volume(**kms, cipherdir, key);
+  auto config = kmsfs::fs::init_volume(**kms, cipherdir, key, init_options);
   if (!config) return fail(ExitCode::Failed, config.error());
   std::cout << "Created kmsfs volume in " << cipherdir << "\n"
             << "  filesystem id: " << config->filesystem_id_hex() << "\n"

@@ -18,6 +18,7 @@
 #include <memory>
 #include <random>
 #include <set>
+#include <stdexcept>
 #include <thread>
 
 #include "tests/integration/mount_fixture.h"
@@ -45,8 +46,17 @@ class FilesystemTest : public ::testing::Test {
     ASSERT_EQ(::mkdir(vol_->path(dir_).c_str(), 0755), 0) << std::strerror(errno);
   }
   std::string p(const std::string& rel) const { return vol_->path(dir_ + "/" + rel); }
-  // The backing file of a plaintext-named file (format version 1 keeps names).
-  std::string backing(const std::string& rel) const { return vol_->cipher() + "/" + dir_ + "/" + rel; }
+  // The backing file of a file in the mount: names are encrypted, but the
+  // mount reports the backing inode numbers, so the inode finds it.
+  std::string backing(const std::string& rel) const {
+    struct stat st {};
+    if (::lstat(p(rel).c_str(), &st) != 0) throw std::runtime_error("no such file in the mount: " + rel);
+    for (const auto& f : list_files(vol_->cipher())) {
+      struct stat bst {};
+      if (::lstat(f.c_str(), &bst) == 0 && bst.st_ino == st.st_ino) return f;
+    }
+    throw std::runtime_error("no backing file for " + rel);
+  }
 
   static TempKms* kms_;
   static Mount* vol_;
@@ -207,9 +217,10 @@ TEST_F(FilesystemTest, FlippedCiphertextBitGivesEioOnThatFileOnly) {
   auto data = random_bytes(20000, 5);
   write_file(p("victim"), data);
   write_file(p("healthy"), data);
+  const std::string victim = backing("victim");
   vol_->unmount();
   {
-    std::fstream f(backing("victim"), std::ios::in | std::ios::out | std::ios::binary);
+    std::fstream f(victim, std::ios::in | std::ios::out | std::ios::binary);
     f.seekg(128 + 4124 + 100);  // inside block 1's ciphertext
     char c = 0;
     f.read(&c, 1);
@@ -231,9 +242,10 @@ TEST_F(FilesystemTest, FlippedCiphertextBitGivesEioOnThatFileOnly) {
 TEST_F(FilesystemTest, CorruptHeaderFailsOpenOfThatFileOnly) {
   write_file(p("badheader"), random_bytes(5000, 1));
   write_file(p("goodheader"), random_bytes(5000, 2));
+  const std::string bad = backing("badheader");
   vol_->unmount();
   {
-    std::fstream f(backing("badheader"), std::ios::in | std::ios::out | std::ios::binary);
+    std::fstream f(bad, std::ios::in | std::ios::out | std::ios::binary);
     f.seekp(40);  // inside the wrapped data key
     char c = 0x55;
     f.write(&c, 1);
@@ -247,8 +259,9 @@ TEST_F(FilesystemTest, CorruptHeaderFailsOpenOfThatFileOnly) {
 
 TEST_F(FilesystemTest, TruncatedHeaderFailsOpen) {
   write_file(p("short"), random_bytes(5000, 9));
+  const std::string short_file = backing("short");
   vol_->unmount();
-  ASSERT_EQ(::truncate(backing("short").c_str(), 60), 0);
+  ASSERT_EQ(::truncate(short_file.c_str(), 60), 0);
   vol_->mount();
   errno = 0;
   EXPECT_EQ(::open(p("short").c_str(), O_RDONLY), -1);
@@ -472,8 +485,15 @@ TEST_F(FilesystemTest, ConfigFileIsHiddenAndProtected) {
   while (dirent* e = ::readdir(d)) names.insert(e->d_name);
   ::closedir(d);
   EXPECT_EQ(names.count("kmsfs.json"), 0U);
+  EXPECT_EQ(names.count("kmsfs.diriv"), 0U);
   EXPECT_EQ(::open(vol_->path("kmsfs.json").c_str(), O_RDONLY), -1);
-  EXPECT_EQ(::open(vol_->path("kmsfs.json").c_str(), O_RDWR | O_CREAT, 0644), -1);
+  // With encrypted names a user's "kmsfs.json" is just another file and
+  // never touches the volume's own.
+  auto before = read_file(vol_->cipher() + "/kmsfs.json");
+  write_file(vol_->path("kmsfs.json"), {'u', 's', 'e', 'r'});
+  EXPECT_EQ(read_file(vol_->path("kmsfs.json")), (std::vector<std::uint8_t>{'u', 's', 'e', 'r'}));
+  EXPECT_EQ(read_file(vol_->cipher() + "/kmsfs.json"), before);
+  ASSERT_EQ(::unlink(vol_->path("kmsfs.json").c_str()), 0);
 }
 
 TEST_F(FilesystemTest, CopiedTreeSurvivesRemountByteForByte) {

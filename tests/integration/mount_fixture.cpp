@@ -183,7 +183,8 @@ TempKms::~TempKms() {
   remove_tree(root_);
 }
 
-Mount::Mount(const std::string& root, const std::string& name, const std::string& key) {
+Mount::Mount(const std::string& root, const std::string& name, const std::string& key,
+             const std::vector<std::string>& init_args) {
   cipher_ = root + "/" + name + ".cipher";
   mnt_ = root + "/" + name + ".mnt";
   ::mkdir(mnt_.c_str(), 0755);
@@ -192,6 +193,7 @@ Mount::Mount(const std::string& root, const std::string& name, const std::string
     argv.push_back("--key");
     argv.push_back(key);
   }
+  argv.insert(argv.end(), init_args.begin(), init_args.end());
   auto r = run_command(argv);
   if (r.exit_code != 0) throw std::runtime_error("kmsfs init failed: " + r.err);
 }

@@ -45,7 +45,8 @@ class TempKms {
 class Mount {
  public:
   // Inits a volume under `root` (key: the default managed key unless given).
-  Mount(const std::string& root, const std::string& name, const std::string& key = "");
+  Mount(const std::string& root, const std::string& name, const std::string& key = "",
+        const std::vector<std::string>& init_args = {});
   ~Mount();
   void mount(const std::vector<std::string>& extra_args = {});
   void unmount();
