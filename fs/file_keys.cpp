@@ -20,24 +20,108 @@ std::shared_ptr<spdlog::logger> logger() {
 int errno_for(const keyclient::KmsError& e) {
   return e.code == keyclient::KmsErrorCode::AccessDeniedException ? EACCES : EIO;
 }
+
+// The KMS itself is unreachable or failing (kmsd down, HSM gone), as
+// opposed to refusing this one file's key.
+bool is_unavailable(const keyclient::KmsError& e) {
+  using keyclient::KmsErrorCode;
+  return e.code == KmsErrorCode::KMSInternalException ||
+         e.code == KmsErrorCode::DependencyTimeoutException ||
+         e.code == KmsErrorCode::KeyUnavailableException;
+}
+
+constexpr auto kUnavailableLogInterval = std::chrono::seconds(30);
 }  // namespace
+
+FileKeys::FileKeys(keyclient::KeyService& kms, std::string filesystem_id_hex, std::string key_id,
+                   FileKeyOptions options)
+    : kms_(kms), fs_id_(std::move(filesystem_id_hex)), key_id_(std::move(key_id)) {
+  if (options.cache && options.cache_ttl > 0) {
+    keyclient::DataKeyCacheOptions co;
+    co.max_age = std::chrono::duration<double>(options.cache_ttl);
+    co.max_entries = options.cache_entries;
+    cache_ = std::make_unique<keyclient::CachingKeyService>(kms_, co);
+    if (options.prefetch > 0) {
+      keyclient::DataKeyPrefetcherOptions po;
+      po.pool_size = options.prefetch;
+      po.max_age = co.max_age;
+      prefetch_ = std::make_unique<keyclient::DataKeyPrefetcher>(
+          *cache_, key_id_, "AES_256",
+          [this](const crypto::FileId& id) { return context_for(id); }, po);
+    }
+  }
+}
+
+FileKeys::~FileKeys() = default;
 
 keyclient::EncryptionContext FileKeys::context_for(const crypto::FileId& id) const {
   return {{"kmsfs:fs", fs_id_}, {"kmsfs:file", crypto::file_id_hex(id)}};
 }
 
+void FileKeys::log_failure(const std::string& what, const keyclient::KmsError& e) {
+  if (!is_unavailable(e)) {
+    logger()->error("{}: {}", what, e.to_string());
+    return;
+  }
+  std::uint64_t suppressed = 0;
+  {
+    std::lock_guard<std::mutex> lock(log_mu_);
+    ++failures_since_ok_;
+    const auto now = std::chrono::steady_clock::now();
+    if (last_unavailable_log_ != std::chrono::steady_clock::time_point{} &&
+        now - last_unavailable_log_ < kUnavailableLogInterval) {
+      ++suppressed_;
+      return;
+    }
+    last_unavailable_log_ = now;
+    suppressed = std::exchange(suppressed_, 0);
+  }
+  logger()->error(
+      "the KMS is unavailable: {}: {}; files already open keep working, new opens and creates fail "
+      "with EIO until it is back{}",
+      what, e.to_string(),
+      suppressed > 0 ? " (" + std::to_string(suppressed) + " similar errors in the last 30 s not logged)"
+                     : std::string());
+}
+
+void FileKeys::note_success() {
+  std::uint64_t failures = 0;
+  {
+    std::lock_guard<std::mutex> lock(log_mu_);
+    if (failures_since_ok_ == 0) return;
+    failures = std::exchange(failures_since_ok_, 0);
+    suppressed_ = 0;
+    last_unavailable_log_ = {};
+  }
+  logger()->warn("the KMS answers again (after {} failed requests)", failures);
+}
+
 Result<FileKeys::NewFile, int> FileKeys::create(const std::string& label) {
   NewFile nf;
+  // A pre-generated data key when one is ready: no KMS round trip.
+  if (prefetch_) {
+    if (auto k = prefetch_->take()) {
+      if (k->plaintext.size() == 32 && !k->ciphertext_blob.empty() &&
+          k->ciphertext_blob.size() <= crypto::FileHeader::kMaxWrappedKeySize) {
+        nf.header.file_id = k->file_id;
+        nf.header.wrapped_key = std::move(k->ciphertext_blob);
+        nf.key.file_id = k->file_id;
+        nf.key.dek = std::move(k->plaintext);
+        return nf;
+      }
+    }
+  }
   crypto::random_bytes(nf.header.file_id);
   keyclient::GenerateDataKeyRequest req;
   req.key_id = key_id_;
   req.key_spec = "AES_256";
   req.encryption_context = context_for(nf.header.file_id);
-  auto res = kms_.generate_data_key(req);
+  auto res = service().generate_data_key(req);
   if (!res) {
-    logger()->error("cannot create the data key of {}: {}", label, res.error().to_string());
+    log_failure("cannot create the data key of " + label, res.error());
     return unexpected(errno_for(res.error()));
   }
+  note_success();
   if (res->plaintext.size() != 32 || res->ciphertext_blob.empty() ||
       res->ciphertext_blob.size() > crypto::FileHeader::kMaxWrappedKeySize) {
     logger()->error("cannot create the data key of {}: the KMS returned a malformed data key",
@@ -56,12 +140,12 @@ Result<FileKey, int> FileKeys::open(const crypto::FileHeader& header, const std:
   req.encryption_context = context_for(header.file_id);
   // No KeyId: the blob names its key, and a volume may hold files wrapped
   // under an older key while a rewrap to a new one is under way.
-  auto res = kms_.decrypt(req);
+  auto res = service().decrypt(req);
   if (!res) {
-    logger()->error("cannot open {}: the KMS refused its data key: {}", label,
-                    res.error().to_string());
+    log_failure("cannot open " + label + ": the KMS refused its data key", res.error());
     return unexpected(errno_for(res.error()));
   }
+  note_success();
   if (res->plaintext.size() != 32) {
     logger()->error("cannot open {}: its data key has {} bytes, expected 32", label,
                     res->plaintext.size());

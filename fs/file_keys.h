@@ -4,20 +4,42 @@
 // context is {"kmsfs:fs": filesystem id, "kmsfs:file": file id} — never a
 // path, so renames rewrap nothing.
 
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
 #include <string>
 #include <utility>
 
 #include "crypto/file_header.h"
 #include "crypto/result.h"
 #include "fs/encrypted_file.h"
+#include "keyclient/data_key_cache.h"
 #include "keyclient/key_service.h"
 
 namespace kmsfs::fs {
 
+// Mount options -o key_cache=on|off, key_cache_ttl=SECONDS.
+struct FileKeyOptions {
+  // Decrypt results (and generated data keys) cached by (wrapped DEK,
+  // context) and new files served from a pool of pre-generated data keys
+  // (keyclient/data_key_cache.h). Off: every open and create asks the KMS.
+  bool cache = true;
+  double cache_ttl = 300;          // seconds a cached or prefetched data key stays usable
+  std::size_t cache_entries = 4096;
+  std::size_t prefetch = 4;        // pre-generated data keys kept ready (0 = none)
+};
+
+// While the KMS is unreachable, files already open keep their DEK (it lives
+// in the inode); opens and creates fail with EIO and one log line per 30 s
+// says so; the first success afterwards logs the recovery.
 class FileKeys {
  public:
-  FileKeys(keyclient::KeyService& kms, std::string filesystem_id_hex, std::string key_id)
-      : kms_(kms), fs_id_(std::move(filesystem_id_hex)), key_id_(std::move(key_id)) {}
+  FileKeys(keyclient::KeyService& kms, std::string filesystem_id_hex, std::string key_id,
+           FileKeyOptions options = FileKeyOptions{.cache = false});
+  ~FileKeys();
+  FileKeys(const FileKeys&) = delete;
+  FileKeys& operator=(const FileKeys&) = delete;
 
   struct NewFile {
     crypto::FileHeader header;
@@ -31,9 +53,21 @@ class FileKeys {
   keyclient::EncryptionContext context_for(const crypto::FileId& id) const;
 
  private:
+  keyclient::KeyService& service() { return cache_ ? *cache_ : kms_; }
+  // Logs a KMS failure: unavailability rate-limited, refusals per file.
+  void log_failure(const std::string& what, const keyclient::KmsError& e);
+  void note_success();
+
   keyclient::KeyService& kms_;
   std::string fs_id_;
   std::string key_id_;
+  std::unique_ptr<keyclient::CachingKeyService> cache_;      // null when key_cache=off
+  std::unique_ptr<keyclient::DataKeyPrefetcher> prefetch_;   // null when off; uses cache_
+
+  std::mutex log_mu_;  // guards the three below
+  std::chrono::steady_clock::time_point last_unavailable_log_{};
+  std::uint64_t suppressed_ = 0;
+  std::uint64_t failures_since_ok_ = 0;
 };
 
 }  // namespace kmsfs::fs

@@ -222,6 +222,15 @@ Result<MountOptions, std::string> parse_mount_options(const std::string& opts, M
       auto d = parse_seconds(name, value);
       if (!d) return unexpected(d.error());
       (name == "entry_timeout" ? base.entry_timeout : base.attr_timeout) = *d;
+    } else if (name == "key_cache") {
+      if (value != "on" && value != "off") {
+        return unexpected("mount option key_cache=" + value + ": expected on or off");
+      }
+      base.key_cache = value == "on";
+    } else if (name == "key_cache_ttl") {
+      auto d = parse_seconds(name, value);
+      if (!d) return unexpected(d.error());
+      base.key_cache_ttl = *d;
     } else if (name == "max_threads") {
       try {
         int n = std::stoi(value);
@@ -364,7 +373,10 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
   UniqueFd root(::open(impl_->cipherdir.c_str(), O_PATH | O_DIRECTORY | O_CLOEXEC));
   if (!root.valid()) return unexpected(impl_->cipherdir + ": " + errno_text(errno));
 
-  FileKeys keys(impl_->kms, impl_->config.filesystem_id_hex(), impl_->config.key_id);
+  FileKeyOptions key_options;
+  key_options.cache = opts.key_cache;
+  key_options.cache_ttl = opts.key_cache_ttl;
+  FileKeys keys(impl_->kms, impl_->config.filesystem_id_hex(), impl_->config.key_id, key_options);
   FsSettings settings;
   settings.entry_timeout = opts.entry_timeout;
   settings.attr_timeout = opts.attr_timeout;

@@ -56,6 +56,8 @@ struct MountOptions {
   bool writeback_cache = true;
   bool kernel_cache = false;
   unsigned max_threads = 10;
+  bool key_cache = true;            // key_cache=on|off: DEK cache and data-key prefetch
+  double key_cache_ttl = 300;       // key_cache_ttl=SECONDS
 };
 
 // Parses a comma-separated "-o" string into `base`. Unknown options are an

@@ -1,0 +1,187 @@
+#include "keyclient/data_key_cache.h"
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "crypto/random.h"
+
+namespace kmsfs::keyclient {
+namespace {
+
+// A KeyService that counts calls and "wraps" by prefixing the plaintext.
+class FakeKms final : public KeyService {
+ public:
+  std::atomic<int> generates{0};
+  std::atomic<int> decrypts{0};
+  std::atomic<bool> down{false};
+
+  KmsResult<CreateKeyResponse> create_key(const CreateKeyRequest&) override { return unsupported(); }
+  KmsResult<DescribeKeyResponse> describe_key(const DescribeKeyRequest&) override { return unsupported(); }
+  KmsResult<ListKeysResponse> list_keys(const ListKeysRequest&) override { return unsupported(); }
+  KmsResult<void> create_alias(const CreateAliasRequest&) override { return unsupported(); }
+  KmsResult<ListAliasesResponse> list_aliases(const ListAliasesRequest&) override { return unsupported(); }
+  KmsResult<EncryptResponse> encrypt(const EncryptRequest&) override { return unsupported(); }
+  KmsResult<GenerateRandomResponse> generate_random(const GenerateRandomRequest&) override {
+    return unsupported();
+  }
+  KmsResult<nlohmann::json> call(std::string_view, const nlohmann::json&) override { return unsupported(); }
+
+  KmsResult<GenerateDataKeyResponse> generate_data_key(const GenerateDataKeyRequest& req) override {
+    if (down) return kms_error(KmsErrorCode::KMSInternalException, "down");
+    ++generates;
+    GenerateDataKeyResponse r;
+    r.key_id = "arn:test";
+    r.plaintext = crypto::SecureBuffer(32);
+    crypto::random_bytes(r.plaintext.span());
+    r.ciphertext_blob.assign(r.plaintext.data(), r.plaintext.data() + 32);
+    for (const auto& [k, v] : req.encryption_context) r.ciphertext_blob.insert(r.ciphertext_blob.end(), v.begin(), v.end());
+    return r;
+  }
+  KmsResult<DecryptResponse> decrypt(const DecryptRequest& req) override {
+    if (down) return kms_error(KmsErrorCode::KMSInternalException, "down");
+    ++decrypts;
+    DecryptResponse r;
+    r.key_id = "arn:test";
+    r.plaintext = crypto::SecureBuffer(req.ciphertext_blob.data(), 32);
+    return r;
+  }
+
+ private:
+  static Unexpected<KmsError> unsupported() {
+    return kms_error(KmsErrorCode::UnsupportedOperationException, "fake");
+  }
+};
+
+DecryptRequest decrypt_of(const GenerateDataKeyResponse& g, const EncryptionContext& ctx) {
+  DecryptRequest d;
+  d.ciphertext_blob = g.ciphertext_blob;
+  d.encryption_context = ctx;
+  return d;
+}
+
+TEST(CachingKeyService, GeneratedKeyDecryptsWithoutAKmsCall) {
+  FakeKms kms;
+  CachingKeyService svc(kms, {});
+  GenerateDataKeyRequest g;
+  g.encryption_context = {{"f", "1"}};
+  auto dk = svc.generate_data_key(g);
+  ASSERT_TRUE(dk);
+  auto p = svc.decrypt(decrypt_of(*dk, g.encryption_context));
+  ASSERT_TRUE(p);
+  EXPECT_TRUE(p->plaintext == dk->plaintext);
+  EXPECT_EQ(kms.decrypts, 0);
+}
+
+TEST(CachingKeyService, ContextIsPartOfTheCacheKey) {
+  FakeKms kms;
+  CachingKeyService svc(kms, {});
+  GenerateDataKeyRequest g;
+  g.encryption_context = {{"f", "1"}};
+  auto dk = svc.generate_data_key(g);
+  ASSERT_TRUE(dk);
+  ASSERT_TRUE(svc.decrypt(decrypt_of(*dk, {{"f", "2"}})));
+  EXPECT_EQ(kms.decrypts, 1);  // another context is a miss: the KMS judges it
+}
+
+TEST(CachingKeyService, DecryptWithKeyIdGoesToTheKms) {
+  FakeKms kms;
+  CachingKeyService svc(kms, {});
+  auto dk = svc.generate_data_key({});
+  DecryptRequest d = decrypt_of(*dk, {});
+  d.key_id = "alias/other";
+  ASSERT_TRUE(svc.decrypt(d));
+  EXPECT_EQ(kms.decrypts, 1);
+}
+
+TEST(DataKeyCache, EntriesExpireByAge) {
+  auto now = std::chrono::steady_clock::now();
+  DataKeyCacheOptions o;
+  o.max_age = std::chrono::seconds(10);
+  DataKeyCache cache(o, [&] { return now; });
+  Bytes blob{1, 2, 3};
+  cache.put(blob, {}, crypto::SecureBuffer::from_string("k"), "arn");
+  EXPECT_TRUE(cache.get(blob, {}));
+  now += std::chrono::seconds(11);
+  EXPECT_FALSE(cache.get(blob, {}));
+  EXPECT_EQ(cache.size(), 0u);
+}
+
+TEST(DataKeyCache, EntriesExpireByUses) {
+  DataKeyCacheOptions o;
+  o.max_uses = 2;
+  DataKeyCache cache(o);
+  Bytes blob{1};
+  cache.put(blob, {}, crypto::SecureBuffer::from_string("k"), "arn");
+  EXPECT_TRUE(cache.get(blob, {}));
+  EXPECT_TRUE(cache.get(blob, {}));
+  EXPECT_FALSE(cache.get(blob, {}));
+}
+
+TEST(DataKeyCache, EvictsLeastRecentlyUsed) {
+  DataKeyCacheOptions o;
+  o.max_entries = 2;
+  DataKeyCache cache(o);
+  cache.put({1}, {}, crypto::SecureBuffer::from_string("a"), "arn");
+  cache.put({2}, {}, crypto::SecureBuffer::from_string("b"), "arn");
+  EXPECT_TRUE(cache.get({1}, {}));  // 2 is now the oldest
+  cache.put({3}, {}, crypto::SecureBuffer::from_string("c"), "arn");
+  EXPECT_EQ(cache.size(), 2u);
+  EXPECT_TRUE(cache.get({1}, {}));
+  EXPECT_FALSE(cache.get({2}, {}));
+  EXPECT_TRUE(cache.get({3}, {}));
+  EXPECT_GE(cache.stats().evictions, 1u);
+}
+
+TEST(DataKeyCache, ConcurrentUseIsSafe) {
+  DataKeyCache cache({});
+  std::vector<std::thread> ts;
+  for (int t = 0; t < 8; ++t) {
+    ts.emplace_back([&, t] {
+      for (int i = 0; i < 500; ++i) {
+        Bytes b{static_cast<std::uint8_t>(t), static_cast<std::uint8_t>(i % 50)};
+        cache.put(b, {}, crypto::SecureBuffer::from_string("x"), "arn");
+        (void)cache.get(b, {});
+      }
+    });
+  }
+  for (auto& t : ts) t.join();
+  EXPECT_LE(cache.size(), 400u);
+}
+
+TEST(DataKeyPrefetcher, FillsThePoolAndBindsTheFileId) {
+  FakeKms kms;
+  DataKeyPrefetcherOptions o;
+  o.pool_size = 3;
+  DataKeyPrefetcher pf(kms, "alias/k", "AES_256",
+                       [](const std::array<std::uint8_t, 16>& id) {
+                         return EncryptionContext{{"file", std::string(id.begin(), id.end())}};
+                       },
+                       o);
+  for (int i = 0; i < 200 && pf.available() < 3; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_EQ(pf.available(), 3u);
+  auto k = pf.take();
+  ASSERT_TRUE(k);
+  EXPECT_EQ(k->plaintext.size(), 32u);
+  // The fake appends the context to the blob: the file id is in it.
+  std::string tail(k->ciphertext_blob.begin() + 32, k->ciphertext_blob.end());
+  EXPECT_EQ(tail, std::string(k->file_id.begin(), k->file_id.end()));
+  auto k2 = pf.take();
+  ASSERT_TRUE(k2);
+  EXPECT_NE(k->file_id, k2->file_id);
+}
+
+TEST(DataKeyPrefetcher, EmptyPoolWhileTheKmsIsDown) {
+  FakeKms kms;
+  kms.down = true;
+  DataKeyPrefetcher pf(kms, "k", "AES_256", [](const auto&) { return EncryptionContext{}; }, {});
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  EXPECT_FALSE(pf.take());
+  kms.down = false;
+}
+
+}  // namespace
+}  // namespace kmsfs::keyclient
