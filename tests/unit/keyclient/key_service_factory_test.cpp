@@ -95,12 +95,15 @@ TEST(KeyServiceFactory, RefusesAGroupWritableHome) {
   EXPECT_FALSE(std::filesystem::exists(home + "/pin"));  // nothing created in it
 }
 
-TEST(KeyServiceFactory, UnixSpecIsNotYetSupportedAndUnknownSpecsAreRefused) {
+TEST(KeyServiceFactory, UnixSpecReachesKmsdAndUnknownSpecsAreRefused) {
   auto opts = options_for(test::make_temp_dir("home"));
-  opts.spec = "unix:/run/kmsd.sock";
+  opts.spec = "unix:/nonexistent/kmsd.sock";
   auto a = make_key_service(opts);
-  ASSERT_FALSE(a);
-  EXPECT_EQ(a.error().code, KmsErrorCode::UnsupportedOperationException);
+  ASSERT_TRUE(a) << a.error().to_string();  // connects lazily, reconnects by itself
+  auto call = (*a)->list_keys({});
+  ASSERT_FALSE(call);
+  EXPECT_EQ(call.error().code, KmsErrorCode::KMSInternalException);
+  EXPECT_NE(call.error().message.find("/nonexistent/kmsd.sock"), std::string::npos) << call.error().message;
   opts.spec = "carrier-pigeon";
   auto b = make_key_service(opts);
   ASSERT_FALSE(b);
