@@ -54,6 +54,51 @@ class Hsm {
                                                       std::span<const std::uint8_t> ciphertext_and_tag) = 0;
 
   virtual HsmResult<void> generate_random(std::span<std::uint8_t> out) = 0;
+
+  // --- #3: audit checkpoints and imported key material. Defaults refuse, so
+  // that a minimal Hsm (a test double) need not implement them.
+
+  // A token HMAC key (CKK_GENERIC_SECRET, 32 bytes, sensitive, not
+  // extractable, CKA_SIGN/CKA_VERIFY only). Fails if the label exists.
+  virtual HsmResult<void> generate_hmac_key(const std::string& label);
+  // HMAC-SHA-256 (CKM_SHA256_HMAC) inside the HSM.
+  virtual HsmResult<std::vector<std::uint8_t>> hmac_sha256(const std::string& label,
+                                                           std::span<const std::uint8_t> data);
+  // An RSA key pair for importing key material: the private key (label)
+  // sensitive, not extractable, CKA_UNWRAP/CKA_DECRYPT only; the public key
+  // (same label) CKA_WRAP/CKA_ENCRYPT. Returns the public key as DER
+  // SubjectPublicKeyInfo. Fails if the label exists.
+  virtual HsmResult<std::vector<std::uint8_t>> generate_rsa_wrapping_key_pair(const std::string& label,
+                                                                              std::size_t modulus_bits);
+  // Turns RSAES-OAEP (SHA-256, MGF1-SHA-256, empty label) encrypted AES key
+  // material into a new token AES key `new_label` with the attributes of
+  // generate_aes_key. A malformed ciphertext or a key of the wrong size is
+  // AuthenticationFailed / InvalidArgument.
+  virtual HsmResult<void> unwrap_aes_key_rsa_oaep_sha256(const std::string& wrapping_label,
+                                                         std::span<const std::uint8_t> wrapped,
+                                                         const std::string& new_label,
+                                                         std::size_t key_bytes);
+  // Destroys every object of any class labelled `label`; none is not an error.
+  virtual HsmResult<void> destroy_objects(const std::string& label);
 };
+
+inline HsmResult<void> Hsm::generate_hmac_key(const std::string&) {
+  return Unexpected<HsmError>(HsmError{HsmError::Kind::InvalidArgument, 0, "HMAC keys are not supported by this HSM"});
+}
+inline HsmResult<std::vector<std::uint8_t>> Hsm::hmac_sha256(const std::string&, std::span<const std::uint8_t>) {
+  return Unexpected<HsmError>(HsmError{HsmError::Kind::InvalidArgument, 0, "HMAC is not supported by this HSM"});
+}
+inline HsmResult<std::vector<std::uint8_t>> Hsm::generate_rsa_wrapping_key_pair(const std::string&, std::size_t) {
+  return Unexpected<HsmError>(HsmError{HsmError::Kind::InvalidArgument, 0, "RSA wrapping keys are not supported by this HSM"});
+}
+inline HsmResult<void> Hsm::unwrap_aes_key_rsa_oaep_sha256(const std::string&, std::span<const std::uint8_t>,
+                                                           const std::string&, std::size_t) {
+  return Unexpected<HsmError>(HsmError{HsmError::Kind::InvalidArgument, 0, "key import is not supported by this HSM"});
+}
+inline HsmResult<void> Hsm::destroy_objects(const std::string& label) {
+  auto r = destroy_key(label);
+  if (!r && r.error().kind == HsmError::Kind::KeyNotFound) return {};
+  return r;
+}
 
 }  // namespace kmsfs::keyclient

@@ -44,13 +44,39 @@ const KeyVersion* KeyRecord::find_version(std::uint32_t v) const {
 std::string key_record_to_json(const KeyRecord& rec) {
   json versions = json::array();
   for (const auto& v : rec.versions) {
-    versions.push_back({{"Version", v.version}, {"HsmLabel", v.hsm_label}, {"CreationDate", v.creation_date}});
+    json jv{{"Version", v.version}, {"HsmLabel", v.hsm_label}, {"CreationDate", v.creation_date},
+            {"WrapCount", v.wrap_count}, {"Material", v.material}};
+    if (!v.rotation_type.empty()) jv["RotationType"] = v.rotation_type;
+    versions.push_back(std::move(jv));
   }
+  json grants = json::array();
+  for (const auto& g : rec.grants) {
+    json jg{{"GrantId", g.grant_id},     {"GrantToken", g.grant_token}, {"Name", g.name},
+            {"GranteePrincipal", g.grantee_principal}, {"Operations", g.operations},
+            {"CreationDate", g.creation_date}, {"IssuingUid", g.issuing_uid}};
+    if (!g.retiring_principal.empty()) jg["RetiringPrincipal"] = g.retiring_principal;
+    if (g.context_equals) jg["Constraints"]["EncryptionContextEquals"] = *g.context_equals;
+    if (g.context_subset) jg["Constraints"]["EncryptionContextSubset"] = *g.context_subset;
+    grants.push_back(std::move(jg));
+  }
+  json rotation{{"Enabled", rec.rotation.enabled}, {"PeriodInDays", rec.rotation.period_days}};
+  if (rec.rotation.next_rotation_date) rotation["NextRotationDate"] = *rec.rotation.next_rotation_date;
+  if (rec.rotation.on_demand_start) rotation["OnDemandRotationStartDate"] = *rec.rotation.on_demand_start;
   json j{{"FormatVersion", kFormatVersion},
          {"KeyMetadata", rec.metadata},
          {"Policy", rec.policy},
          {"Tags", rec.tags},
-         {"Versions", versions}};
+         {"Versions", versions},
+         {"Rotation", rotation},
+         {"Grants", grants},
+         {"CreatorUid", rec.creator_uid}};
+  if (!rec.import.wrapping_label.empty() || !rec.import.material_commitment.empty()) {
+    j["Import"] = {{"WrappingLabel", rec.import.wrapping_label},
+                   {"TokenId", rec.import.token_id},
+                   {"TokenValidTo", rec.import.token_valid_to},
+                   {"WrappingKeySpec", rec.import.wrapping_key_spec},
+                   {"MaterialCommitment", rec.import.material_commitment}};
+  }
   return j.dump(2) + "\n";
 }
 
@@ -70,12 +96,52 @@ Result<KeyRecord, std::string> key_record_from_json(const std::string& text) {
       v.at("Version").get_to(kv.version);
       v.at("HsmLabel").get_to(kv.hsm_label);
       kv.creation_date = v.value("CreationDate", 0.0);
+      kv.rotation_type = v.value("RotationType", std::string());
+      kv.wrap_count = v.value("WrapCount", std::uint64_t{0});
+      kv.material = v.value("Material", true);
       if (kv.version == 0 || kv.hsm_label.empty()) return unexpected(std::string("invalid version entry"));
       rec.versions.push_back(std::move(kv));
     }
     if (rec.versions.empty()) return unexpected(std::string("no key versions"));
     std::sort(rec.versions.begin(), rec.versions.end(),
               [](const KeyVersion& a, const KeyVersion& b) { return a.version < b.version; });
+    if (j.contains("Rotation")) {
+      const json& r = j["Rotation"];
+      rec.rotation.enabled = r.value("Enabled", false);
+      rec.rotation.period_days = r.value("PeriodInDays", 365);
+      if (r.contains("NextRotationDate")) rec.rotation.next_rotation_date = r["NextRotationDate"].get<double>();
+      if (r.contains("OnDemandRotationStartDate")) {
+        rec.rotation.on_demand_start = r["OnDemandRotationStartDate"].get<double>();
+      }
+    }
+    if (j.contains("Grants")) {
+      for (const auto& jg : j["Grants"]) {
+        Grant g;
+        jg.at("GrantId").get_to(g.grant_id);
+        g.grant_token = jg.value("GrantToken", std::string());
+        g.name = jg.value("Name", std::string());
+        jg.at("GranteePrincipal").get_to(g.grantee_principal);
+        g.retiring_principal = jg.value("RetiringPrincipal", std::string());
+        jg.at("Operations").get_to(g.operations);
+        g.creation_date = jg.value("CreationDate", 0.0);
+        g.issuing_uid = jg.value("IssuingUid", 0u);
+        if (jg.contains("Constraints")) {
+          const json& c = jg["Constraints"];
+          if (c.contains("EncryptionContextEquals")) g.context_equals = c["EncryptionContextEquals"].get<EncryptionContext>();
+          if (c.contains("EncryptionContextSubset")) g.context_subset = c["EncryptionContextSubset"].get<EncryptionContext>();
+        }
+        rec.grants.push_back(std::move(g));
+      }
+    }
+    rec.creator_uid = j.value("CreatorUid", 0u);
+    if (j.contains("Import")) {
+      const json& im = j["Import"];
+      rec.import.wrapping_label = im.value("WrappingLabel", std::string());
+      rec.import.token_id = im.value("TokenId", std::string());
+      rec.import.token_valid_to = im.value("TokenValidTo", 0.0);
+      rec.import.wrapping_key_spec = im.value("WrappingKeySpec", std::string());
+      rec.import.material_commitment = im.value("MaterialCommitment", std::string());
+    }
     if (!uuid_from_string(rec.metadata.key_id)) {
       return unexpected("KeyId '" + rec.metadata.key_id + "' is not a key id");
     }
@@ -196,6 +262,18 @@ KmsResult<void> KeyStore::write_key(const KeyRecord& rec) {
   if (!d) return d;
   auto w = atomic_write_file(key_path(rec.metadata.key_id), key_record_to_json(rec));
   if (!w) return internal("cannot store key record: " + w.error());
+  return {};
+}
+
+KmsResult<void> KeyStore::delete_key(const std::string& key_id) {
+  const std::string path = key_path(key_id);
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+    return internal("cannot remove key record " + path + ": " + errno_text(errno));
+  }
+  auto f = fsync_dir(dir_ + "/keys");
+  if (!f) return internal("cannot fsync " + dir_ + "/keys: " + f.error());
+  std::lock_guard<std::mutex> lock(cache_mu_);
+  cache_.erase(key_id);
   return {};
 }
 

@@ -36,13 +36,56 @@ struct KeyVersion {
   std::uint32_t version = 1;
   std::string hsm_label;  // "kmsfs/<uuid>/v<version>"
   double creation_date = 0;
+  std::string rotation_type;  // "" (original material) | "AUTOMATIC" | "ON_DEMAND"
+  // Wraps reserved under this version (an upper bound of the wraps made:
+  // processes reserve blocks of wraps, and a crash forfeits the rest of a
+  // block). Rotation is forced before it reaches the core's limit.
+  std::uint64_t wrap_count = 0;
+  bool material = true;  // false: imported material not (or no longer) in the HSM
+};
+
+// A grant (CreateGrant), stored with its key.
+struct Grant {
+  std::string grant_id;  // 64 hex characters
+  std::string grant_token;
+  std::string name;
+  std::string grantee_principal;  // local principal: uid:N, user:NAME, gid:N, group:NAME
+  std::string retiring_principal;  // may be empty
+  std::vector<std::string> operations;  // "Decrypt", "Encrypt", ...
+  std::optional<EncryptionContext> context_equals;  // Constraints.EncryptionContextEquals
+  std::optional<EncryptionContext> context_subset;  // Constraints.EncryptionContextSubset
+  double creation_date = 0;
+  std::uint32_t issuing_uid = 0;
+};
+
+struct RotationState {
+  bool enabled = false;
+  int period_days = 365;
+  std::optional<double> next_rotation_date;
+  std::optional<double> on_demand_start;  // the last on-demand rotation
+};
+
+// Imported key material (Origin EXTERNAL).
+struct ImportState {
+  std::string wrapping_label;  // the RSA pair of the newest GetParametersForImport
+  std::string token_id;        // hex; the import token carries it
+  double token_valid_to = 0;
+  std::string wrapping_key_spec;
+  // SHA-256 of a key check value computed by the HSM under the material
+  // (AES-GCM of zeros with a fixed IV): only the same material may be
+  // imported again.
+  std::string material_commitment;
 };
 
 struct KeyRecord {
   KeyMetadata metadata;
-  std::string policy;  // JSON key policy document (stored; evaluated with #3)
+  std::string policy;  // JSON key policy document, evaluated on every call
   std::vector<Tag> tags;
   std::vector<KeyVersion> versions;  // ascending, never empty
+  RotationState rotation;
+  std::vector<Grant> grants;
+  ImportState import;
+  std::uint32_t creator_uid = 0;
 
   const KeyVersion& newest() const { return versions.back(); }
   const KeyVersion* find_version(std::uint32_t v) const;
@@ -75,6 +118,8 @@ class KeyStore {
   // Writers: the caller holds lock() when the write depends on what it read.
   KmsResult<void> write_key(const KeyRecord& rec);
   KmsResult<void> write_aliases(const std::vector<AliasRecord>& aliases) const;
+  // Removes a key record (unlink, fsync of the directory). Missing is fine.
+  KmsResult<void> delete_key(const std::string& key_id);
 
  private:
   KmsResult<void> ensure_dirs() const;

@@ -15,9 +15,12 @@
 #include <sys/types.h>
 
 #include <chrono>
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <string>
+
+#include <nlohmann/json.hpp>
 
 #include "keyclient/hsm.h"
 #include "keyclient/key_service.h"
@@ -35,9 +38,21 @@ struct CallerIdentity {
 using Clock = std::function<double()>;
 double system_clock_now();
 
+struct KmsCoreOptions {
+  // A version's wraps are counted (in reserved blocks) and the key rotates
+  // before this many: far below the 2^32 random-96-bit-IV bound of GCM.
+  std::uint64_t wrap_limit_per_version = std::uint64_t{1} << 30;
+  std::uint64_t wrap_reservation = 1024;
+  // Scheduled deletions, expired imported material and automatic rotations
+  // are processed at construction and then at most this often, on calls.
+  double maintenance_interval_seconds = 60;
+  std::uint64_t audit_checkpoint_every = 64;
+};
+
 class KmsCore {
  public:
-  KmsCore(std::string state_dir, std::unique_ptr<Hsm> hsm, Clock clock = system_clock_now);
+  KmsCore(std::string state_dir, std::unique_ptr<Hsm> hsm, Clock clock = system_clock_now,
+          KmsCoreOptions options = {});
   ~KmsCore();
   KmsCore(const KmsCore&) = delete;
   KmsCore& operator=(const KmsCore&) = delete;
@@ -56,8 +71,48 @@ class KmsCore {
   KmsResult<GenerateRandomResponse> generate_random(const CallerIdentity& caller,
                                                     const GenerateRandomRequest& req);
 
- private:
+  // The rest of the API with AWS JSON request and response bodies (blobs
+  // base64). kms_dispatch.cpp maps each AWS operation name to one of these.
+  using Json = nlohmann::json;
+  KmsResult<Json> update_key_description(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> update_alias(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> delete_alias(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> enable_key(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> disable_key(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> schedule_key_deletion(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> cancel_key_deletion(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> enable_key_rotation(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> disable_key_rotation(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> get_key_rotation_status(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> rotate_key_on_demand(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> list_key_rotations(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> generate_data_key_without_plaintext(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> re_encrypt(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> get_key_policy(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> put_key_policy(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> list_key_policies(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> get_parameters_for_import(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> import_key_material(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> delete_imported_key_material(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> tag_resource(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> untag_resource(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> list_resource_tags(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> create_grant(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> list_grants(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> retire_grant(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> revoke_grant(const CallerIdentity& caller, const Json& req);
+  // Not AWS operations: the audit trail (root or the state dir's owner).
+  KmsResult<Json> verify_audit_log(const CallerIdentity& caller, const Json& req);
+  KmsResult<Json> search_audit_log(const CallerIdentity& caller, const Json& req);
+
+  // Processes due scheduled deletions (C_DestroyObject of every version),
+  // expired imported material and automatic rotations. Also runs at
+  // construction and, on calls, every maintenance_interval_seconds.
+  KmsResult<void> run_maintenance();
+
   struct Impl;
+
+ private:
   std::unique_ptr<Impl> impl_;
 };
 

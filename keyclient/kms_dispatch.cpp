@@ -45,6 +45,13 @@ Handler typed_void(KmsResult<void> (KmsCore::*op)(const CallerIdentity&, const R
   };
 }
 
+// Operations whose core method already takes and returns the AWS JSON body.
+Handler raw(KmsResult<json> (KmsCore::*op)(const CallerIdentity&, const json&)) {
+  return [op](KmsCore& core, const CallerIdentity& caller, const json& body) -> KmsResult<json> {
+    return (core.*op)(caller, body);
+  };
+}
+
 const std::map<std::string, Handler, std::less<>>& table() {
   static const std::map<std::string, Handler, std::less<>> t = {
       {"CreateKey", typed(&KmsCore::create_key)},
@@ -56,6 +63,36 @@ const std::map<std::string, Handler, std::less<>>& table() {
       {"Decrypt", typed(&KmsCore::decrypt)},
       {"Encrypt", typed(&KmsCore::encrypt)},
       {"GenerateRandom", typed(&KmsCore::generate_random)},
+      {"GenerateDataKeyWithoutPlaintext", raw(&KmsCore::generate_data_key_without_plaintext)},
+      {"ReEncrypt", raw(&KmsCore::re_encrypt)},
+      {"UpdateKeyDescription", raw(&KmsCore::update_key_description)},
+      {"UpdateAlias", raw(&KmsCore::update_alias)},
+      {"DeleteAlias", raw(&KmsCore::delete_alias)},
+      {"EnableKey", raw(&KmsCore::enable_key)},
+      {"DisableKey", raw(&KmsCore::disable_key)},
+      {"ScheduleKeyDeletion", raw(&KmsCore::schedule_key_deletion)},
+      {"CancelKeyDeletion", raw(&KmsCore::cancel_key_deletion)},
+      {"EnableKeyRotation", raw(&KmsCore::enable_key_rotation)},
+      {"DisableKeyRotation", raw(&KmsCore::disable_key_rotation)},
+      {"GetKeyRotationStatus", raw(&KmsCore::get_key_rotation_status)},
+      {"RotateKeyOnDemand", raw(&KmsCore::rotate_key_on_demand)},
+      {"ListKeyRotations", raw(&KmsCore::list_key_rotations)},
+      {"GetKeyPolicy", raw(&KmsCore::get_key_policy)},
+      {"PutKeyPolicy", raw(&KmsCore::put_key_policy)},
+      {"ListKeyPolicies", raw(&KmsCore::list_key_policies)},
+      {"GetParametersForImport", raw(&KmsCore::get_parameters_for_import)},
+      {"ImportKeyMaterial", raw(&KmsCore::import_key_material)},
+      {"DeleteImportedKeyMaterial", raw(&KmsCore::delete_imported_key_material)},
+      {"TagResource", raw(&KmsCore::tag_resource)},
+      {"UntagResource", raw(&KmsCore::untag_resource)},
+      {"ListResourceTags", raw(&KmsCore::list_resource_tags)},
+      {"CreateGrant", raw(&KmsCore::create_grant)},
+      {"ListGrants", raw(&KmsCore::list_grants)},
+      {"RetireGrant", raw(&KmsCore::retire_grant)},
+      {"RevokeGrant", raw(&KmsCore::revoke_grant)},
+      // Not AWS operations: kmsfs's audit trail, served the same way.
+      {"VerifyAuditLog", raw(&KmsCore::verify_audit_log)},
+      {"SearchAuditLog", raw(&KmsCore::search_audit_log)},
   };
   return t;
 }

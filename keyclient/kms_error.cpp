@@ -6,7 +6,7 @@
 namespace kmsfs::keyclient {
 
 namespace {
-constexpr std::array<std::pair<KmsErrorCode, std::string_view>, 17> kNames{{
+constexpr std::array<std::pair<KmsErrorCode, std::string_view>, 24> kNames{{
     {KmsErrorCode::NotFoundException, "NotFoundException"},
     {KmsErrorCode::DisabledException, "DisabledException"},
     {KmsErrorCode::KMSInvalidStateException, "KMSInvalidStateException"},
@@ -24,6 +24,13 @@ constexpr std::array<std::pair<KmsErrorCode, std::string_view>, 17> kNames{{
     {KmsErrorCode::KeyUnavailableException, "KeyUnavailableException"},
     {KmsErrorCode::DependencyTimeoutException, "DependencyTimeoutException"},
     {KmsErrorCode::KMSInternalException, "KMSInternalException"},
+    {KmsErrorCode::IncorrectKeyMaterialException, "IncorrectKeyMaterialException"},
+    {KmsErrorCode::InvalidImportTokenException, "InvalidImportTokenException"},
+    {KmsErrorCode::ExpiredImportTokenException, "ExpiredImportTokenException"},
+    {KmsErrorCode::InvalidGrantIdException, "InvalidGrantIdException"},
+    {KmsErrorCode::InvalidGrantTokenException, "InvalidGrantTokenException"},
+    {KmsErrorCode::InvalidMarkerException, "InvalidMarkerException"},
+    {KmsErrorCode::TagException, "TagException"},
 }};
 }  // namespace
 

@@ -27,6 +27,14 @@ enum class KmsErrorCode {
   KeyUnavailableException,
   DependencyTimeoutException,
   KMSInternalException,
+  // #3
+  IncorrectKeyMaterialException,
+  InvalidImportTokenException,
+  ExpiredImportTokenException,
+  InvalidGrantIdException,
+  InvalidGrantTokenException,
+  InvalidMarkerException,
+  TagException,
 };
 
 std::string_view kms_error_name(KmsErrorCode code);

@@ -1,6 +1,11 @@
 #include "keyclient/pkcs11_hsm.h"
 
 #include <dlfcn.h>
+#include <openssl/core_names.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/param_build.h>
+#include <openssl/x509.h>
 #include <p11-kit/pkcs11.h>
 
 #include <algorithm>
@@ -14,6 +19,7 @@
 #include <utility>
 #include <vector>
 
+#include "crypto/sha256.h"
 #include "keyclient/logger.h"
 
 namespace kmsfs::keyclient {
@@ -661,6 +667,325 @@ HsmResult<void> Pkcs11Hsm::generate_random(std::span<std::uint8_t> out) {
   return impl_->with_session([&](CK_SESSION_HANDLE s) -> HsmResult<void> {
     CK_RV rv = impl_->f->C_GenerateRandom(s, out.data(), static_cast<CK_ULONG>(out.size()));
     if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_GenerateRandom");
+    return {};
+  });
+}
+
+
+// ---------------------------------------------------------------------------
+// #3: HMAC keys for the audit trail, RSA wrapping keys and imported material.
+
+namespace {
+
+// Every object labelled `label` (of class `cls` unless it is ~0UL).
+HsmResult<std::vector<CK_OBJECT_HANDLE>> find_objects(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE s,
+                                                      const std::string& label, CK_OBJECT_CLASS cls) {
+  std::vector<CK_ATTRIBUTE> tmpl;
+  tmpl.push_back({CKA_LABEL, const_cast<char*>(label.data()), static_cast<CK_ULONG>(label.size())});
+  if (cls != ~0UL) tmpl.push_back({CKA_CLASS, &cls, sizeof cls});
+  CK_RV rv = f->C_FindObjectsInit(s, tmpl.data(), static_cast<CK_ULONG>(tmpl.size()));
+  if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_FindObjectsInit for '" + label + "'");
+  std::vector<CK_OBJECT_HANDLE> out;
+  for (;;) {
+    CK_OBJECT_HANDLE found[16];
+    CK_ULONG count = 0;
+    rv = f->C_FindObjects(s, found, 16, &count);
+    if (rv != CKR_OK || count == 0) break;
+    out.insert(out.end(), found, found + count);
+  }
+  CK_RV rv_final = f->C_FindObjectsFinal(s);
+  if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_FindObjects for '" + label + "'");
+  if (rv_final != CKR_OK) return fail(kind_for(rv_final), rv_final, "C_FindObjectsFinal");
+  return out;
+}
+
+HsmResult<CK_OBJECT_HANDLE> find_one(CK_FUNCTION_LIST_PTR f, CK_SESSION_HANDLE s, const std::string& label,
+                                     CK_OBJECT_CLASS cls) {
+  auto v = find_objects(f, s, label, cls);
+  if (!v) return Unexpected<HsmError>(v.error());
+  if (v->empty()) return fail(HsmError::Kind::KeyNotFound, CKR_OK, "no object labelled '" + label + "'");
+  return v->front();
+}
+
+// MGF1 with SHA-256 (RFC 8017 B.2.1), XORed into `out`.
+void mgf1_sha256_xor(std::span<const std::uint8_t> seed, std::span<std::uint8_t> out) {
+  std::vector<std::uint8_t> buf(seed.begin(), seed.end());
+  buf.resize(seed.size() + 4);
+  std::size_t done = 0;
+  for (std::uint32_t counter = 0; done < out.size(); ++counter) {
+    buf[seed.size()] = static_cast<std::uint8_t>(counter >> 24);
+    buf[seed.size() + 1] = static_cast<std::uint8_t>(counter >> 16);
+    buf[seed.size() + 2] = static_cast<std::uint8_t>(counter >> 8);
+    buf[seed.size() + 3] = static_cast<std::uint8_t>(counter);
+    auto d = crypto::sha256(buf);
+    for (std::size_t i = 0; i < d.size() && done < out.size(); ++i) out[done++] ^= d[i];
+  }
+  OPENSSL_cleanse(buf.data(), buf.size());
+}
+
+// EME-OAEP decoding (RFC 8017 7.1.2 step 3) with SHA-256 and an empty
+// label, over the raw RSA output `em` (k bytes). Checks are accumulated so
+// that every malformed input takes the same path.
+std::optional<crypto::SecureBuffer> oaep_sha256_decode(std::span<const std::uint8_t> em_in) {
+  constexpr std::size_t h = 32;
+  const std::size_t k = em_in.size();
+  if (k < 2 * h + 2) return std::nullopt;
+  crypto::SecureBuffer em = crypto::SecureBuffer::from(em_in);
+  auto seed = em.span().subspan(1, h);
+  auto db = em.span().subspan(1 + h);
+  mgf1_sha256_xor(db, seed);
+  mgf1_sha256_xor(seed, db);
+  static const auto empty_hash = crypto::sha256({});
+  unsigned bad = em.data()[0];
+  for (std::size_t i = 0; i < h; ++i) bad |= static_cast<unsigned>(db[i] ^ empty_hash[i]);
+  std::size_t one = 0;
+  unsigned found = 0;
+  for (std::size_t i = h; i < db.size(); ++i) {
+    const unsigned is_one = (db[i] == 1) ? 1u : 0u;
+    const unsigned is_zero = (db[i] == 0) ? 1u : 0u;
+    if (!found && is_one) one = i;
+    bad |= (!found && !is_one && !is_zero) ? 1u : 0u;
+    found |= is_one;
+  }
+  if (bad != 0 || !found) return std::nullopt;
+  return crypto::SecureBuffer::from(db.subspan(one + 1));
+}
+
+}  // namespace
+
+HsmResult<void> Pkcs11Hsm::generate_hmac_key(const std::string& label) {
+  if (label.empty()) return fail(HsmError::Kind::InvalidArgument, CKR_OK, "empty key label");
+  return impl_->with_session([&](CK_SESSION_HANDLE s) -> HsmResult<void> {
+    auto existing = find_objects(impl_->f, s, label, ~0UL);
+    if (!existing) return Unexpected<HsmError>(existing.error());
+    if (!existing->empty()) {
+      return fail(HsmError::Kind::InvalidArgument, CKR_OK, "an object labelled '" + label + "' already exists");
+    }
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_KEY_TYPE type = CKK_GENERIC_SECRET;
+    CK_ULONG len = 32;
+    CK_BBOOL yes = CK_TRUE;
+    CK_BBOOL no = CK_FALSE;
+    auto* lbl = const_cast<char*>(label.data());
+    auto lbl_len = static_cast<CK_ULONG>(label.size());
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof cls},     {CKA_KEY_TYPE, &type, sizeof type}, {CKA_VALUE_LEN, &len, sizeof len},
+        {CKA_TOKEN, &yes, sizeof yes},     {CKA_PRIVATE, &yes, sizeof yes},    {CKA_SENSITIVE, &yes, sizeof yes},
+        {CKA_EXTRACTABLE, &no, sizeof no}, {CKA_SIGN, &yes, sizeof yes},       {CKA_VERIFY, &yes, sizeof yes},
+        {CKA_ENCRYPT, &no, sizeof no},     {CKA_DECRYPT, &no, sizeof no},      {CKA_WRAP, &no, sizeof no},
+        {CKA_UNWRAP, &no, sizeof no},      {CKA_MODIFIABLE, &no, sizeof no},   {CKA_LABEL, lbl, lbl_len},
+        {CKA_ID, lbl, lbl_len},
+    };
+    CK_MECHANISM mech{CKM_GENERIC_SECRET_KEY_GEN, nullptr, 0};
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    CK_RV rv = impl_->f->C_GenerateKey(s, &mech, tmpl, sizeof tmpl / sizeof tmpl[0], &h);
+    if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_GenerateKey (generic secret) '" + label + "'");
+    log()->debug("generated HMAC key '{}'", label);
+    return {};
+  });
+}
+
+HsmResult<std::vector<std::uint8_t>> Pkcs11Hsm::hmac_sha256(const std::string& label,
+                                                           std::span<const std::uint8_t> data) {
+  return impl_->with_session([&](CK_SESSION_HANDLE s) -> HsmResult<std::vector<std::uint8_t>> {
+    auto key = impl_->find_key(s, label, /*use_cache=*/false);
+    if (!key) return Unexpected<HsmError>(key.error());
+    CK_MECHANISM mech{CKM_SHA256_HMAC, nullptr, 0};
+    CK_RV rv = impl_->f->C_SignInit(s, &mech, *key);
+    if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_SignInit (HMAC-SHA-256) with '" + label + "'");
+    std::vector<std::uint8_t> mac(32);
+    CK_ULONG mac_len = static_cast<CK_ULONG>(mac.size());
+    rv = impl_->f->C_Sign(s, const_cast<CK_BYTE_PTR>(data.data()), static_cast<CK_ULONG>(data.size()), mac.data(),
+                          &mac_len);
+    if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_Sign (HMAC-SHA-256) with '" + label + "'");
+    mac.resize(mac_len);
+    return mac;
+  });
+}
+
+HsmResult<std::vector<std::uint8_t>> Pkcs11Hsm::generate_rsa_wrapping_key_pair(const std::string& label,
+                                                                              std::size_t modulus_bits) {
+  if (label.empty()) return fail(HsmError::Kind::InvalidArgument, CKR_OK, "empty key label");
+  return impl_->with_session([&](CK_SESSION_HANDLE s) -> HsmResult<std::vector<std::uint8_t>> {
+    auto existing = find_objects(impl_->f, s, label, ~0UL);
+    if (!existing) return Unexpected<HsmError>(existing.error());
+    if (!existing->empty()) {
+      return fail(HsmError::Kind::InvalidArgument, CKR_OK, "an object labelled '" + label + "' already exists");
+    }
+    CK_BBOOL yes = CK_TRUE;
+    CK_BBOOL no = CK_FALSE;
+    CK_ULONG bits = static_cast<CK_ULONG>(modulus_bits);
+    CK_BYTE exponent[] = {0x01, 0x00, 0x01};
+    CK_OBJECT_CLASS pub_cls = CKO_PUBLIC_KEY;
+    CK_OBJECT_CLASS priv_cls = CKO_PRIVATE_KEY;
+    CK_KEY_TYPE type = CKK_RSA;
+    auto* lbl = const_cast<char*>(label.data());
+    auto lbl_len = static_cast<CK_ULONG>(label.size());
+    CK_ATTRIBUTE pub[] = {
+        {CKA_CLASS, &pub_cls, sizeof pub_cls}, {CKA_KEY_TYPE, &type, sizeof type},
+        {CKA_TOKEN, &yes, sizeof yes},         {CKA_PRIVATE, &no, sizeof no},
+        {CKA_ENCRYPT, &yes, sizeof yes},       {CKA_WRAP, &yes, sizeof yes},
+        {CKA_VERIFY, &no, sizeof no},          {CKA_MODIFIABLE, &no, sizeof no},
+        {CKA_MODULUS_BITS, &bits, sizeof bits}, {CKA_PUBLIC_EXPONENT, exponent, sizeof exponent},
+        {CKA_LABEL, lbl, lbl_len},             {CKA_ID, lbl, lbl_len},
+    };
+    CK_ATTRIBUTE priv[] = {
+        {CKA_CLASS, &priv_cls, sizeof priv_cls}, {CKA_KEY_TYPE, &type, sizeof type},
+        {CKA_TOKEN, &yes, sizeof yes},           {CKA_PRIVATE, &yes, sizeof yes},
+        {CKA_SENSITIVE, &yes, sizeof yes},       {CKA_EXTRACTABLE, &no, sizeof no},
+        {CKA_DECRYPT, &yes, sizeof yes},         {CKA_UNWRAP, &yes, sizeof yes},
+        {CKA_SIGN, &no, sizeof no},              {CKA_MODIFIABLE, &no, sizeof no},
+        {CKA_LABEL, lbl, lbl_len},               {CKA_ID, lbl, lbl_len},
+    };
+    CK_MECHANISM mech{CKM_RSA_PKCS_KEY_PAIR_GEN, nullptr, 0};
+    CK_OBJECT_HANDLE hpub = CK_INVALID_HANDLE;
+    CK_OBJECT_HANDLE hpriv = CK_INVALID_HANDLE;
+    CK_RV rv = impl_->f->C_GenerateKeyPair(s, &mech, pub, sizeof pub / sizeof pub[0], priv,
+                                           sizeof priv / sizeof priv[0], &hpub, &hpriv);
+    if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_GenerateKeyPair (RSA) '" + label + "'");
+    std::vector<std::uint8_t> n(bits / 8 + 8);
+    std::vector<std::uint8_t> e(16);
+    CK_ATTRIBUTE get[] = {{CKA_MODULUS, n.data(), static_cast<CK_ULONG>(n.size())},
+                          {CKA_PUBLIC_EXPONENT, e.data(), static_cast<CK_ULONG>(e.size())}};
+    rv = impl_->f->C_GetAttributeValue(s, hpub, get, 2);
+    if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_GetAttributeValue (RSA public key) '" + label + "'");
+    n.resize(get[0].ulValueLen);
+    e.resize(get[1].ulValueLen);
+    // DER SubjectPublicKeyInfo through OpenSSL.
+    BIGNUM* bn_n = BN_bin2bn(n.data(), static_cast<int>(n.size()), nullptr);
+    BIGNUM* bn_e = BN_bin2bn(e.data(), static_cast<int>(e.size()), nullptr);
+    OSSL_PARAM_BLD* bld = OSSL_PARAM_BLD_new();
+    OSSL_PARAM* params = nullptr;
+    EVP_PKEY_CTX* pctx = EVP_PKEY_CTX_new_from_name(nullptr, "RSA", nullptr);
+    EVP_PKEY* pkey = nullptr;
+    std::vector<std::uint8_t> der;
+    if (bn_n && bn_e && bld && pctx && OSSL_PARAM_BLD_push_BN(bld, "n", bn_n) == 1 &&
+        OSSL_PARAM_BLD_push_BN(bld, "e", bn_e) == 1 && (params = OSSL_PARAM_BLD_to_param(bld)) != nullptr &&
+        EVP_PKEY_fromdata_init(pctx) == 1 && EVP_PKEY_fromdata(pctx, &pkey, EVP_PKEY_PUBLIC_KEY, params) == 1) {
+      int len = i2d_PUBKEY(pkey, nullptr);
+      if (len > 0) {
+        der.resize(static_cast<std::size_t>(len));
+        unsigned char* p = der.data();
+        if (i2d_PUBKEY(pkey, &p) != len) der.clear();
+      }
+    }
+    EVP_PKEY_free(pkey);
+    EVP_PKEY_CTX_free(pctx);
+    OSSL_PARAM_free(params);
+    OSSL_PARAM_BLD_free(bld);
+    BN_free(bn_n);
+    BN_free(bn_e);
+    if (der.empty()) return fail(HsmError::Kind::DeviceError, CKR_OK, "cannot encode the RSA public key as DER");
+    log()->debug("generated RSA-{} wrapping key pair '{}'", modulus_bits, label);
+    return der;
+  });
+}
+
+HsmResult<void> Pkcs11Hsm::unwrap_aes_key_rsa_oaep_sha256(const std::string& wrapping_label,
+                                                         std::span<const std::uint8_t> wrapped,
+                                                         const std::string& new_label, std::size_t key_bytes) {
+  if (key_bytes != 16 && key_bytes != 24 && key_bytes != 32) {
+    return fail(HsmError::Kind::InvalidArgument, CKR_OK, "AES key size must be 16, 24 or 32 bytes");
+  }
+  return impl_->with_session([&](CK_SESSION_HANDLE s) -> HsmResult<void> {
+    auto priv = find_one(impl_->f, s, wrapping_label, CKO_PRIVATE_KEY);
+    if (!priv) return Unexpected<HsmError>(priv.error());
+    auto existing = find_objects(impl_->f, s, new_label, ~0UL);
+    if (!existing) return Unexpected<HsmError>(existing.error());
+    if (!existing->empty()) {
+      return fail(HsmError::Kind::InvalidArgument, CKR_OK, "an object labelled '" + new_label + "' already exists");
+    }
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_KEY_TYPE type = CKK_AES;
+    CK_ULONG len = static_cast<CK_ULONG>(key_bytes);
+    CK_BBOOL yes = CK_TRUE;
+    CK_BBOOL no = CK_FALSE;
+    auto* lbl = const_cast<char*>(new_label.data());
+    auto lbl_len = static_cast<CK_ULONG>(new_label.size());
+    // Every attribute explicit, as for generated keys. CKA_VALUE_LEN is
+    // left out of the unwrap template (the length comes from the data) and
+    // checked afterwards.
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof cls},     {CKA_KEY_TYPE, &type, sizeof type}, {CKA_TOKEN, &yes, sizeof yes},
+        {CKA_PRIVATE, &yes, sizeof yes},   {CKA_SENSITIVE, &yes, sizeof yes},  {CKA_EXTRACTABLE, &no, sizeof no},
+        {CKA_ENCRYPT, &yes, sizeof yes},   {CKA_DECRYPT, &yes, sizeof yes},    {CKA_WRAP, &no, sizeof no},
+        {CKA_UNWRAP, &no, sizeof no},      {CKA_MODIFIABLE, &no, sizeof no},   {CKA_LABEL, lbl, lbl_len},
+        {CKA_ID, lbl, lbl_len},            {CKA_VALUE_LEN, &len, sizeof len},
+    };
+    constexpr CK_ULONG kUnwrapAttrs = sizeof tmpl / sizeof tmpl[0] - 1;
+    CK_RSA_PKCS_OAEP_PARAMS oaep{CKM_SHA256, CKG_MGF1_SHA256, CKZ_DATA_SPECIFIED, nullptr, 0};
+    CK_MECHANISM mech{CKM_RSA_PKCS_OAEP, &oaep, sizeof oaep};
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
+    CK_RV rv = impl_->f->C_UnwrapKey(s, &mech, *priv, const_cast<CK_BYTE_PTR>(wrapped.data()),
+                                     static_cast<CK_ULONG>(wrapped.size()), tmpl, kUnwrapAttrs, &h);
+    if (rv == CKR_OK) {
+      CK_ULONG got = 0;
+      CK_ATTRIBUTE q{CKA_VALUE_LEN, &got, sizeof got};
+      CK_RV qrv = impl_->f->C_GetAttributeValue(s, h, &q, 1);
+      if (qrv != CKR_OK || got != len) {
+        (void)impl_->f->C_DestroyObject(s, h);
+        return fail(HsmError::Kind::InvalidArgument, qrv, "the imported key material is not " +
+                                                              std::to_string(key_bytes) + " bytes");
+      }
+      log()->debug("unwrapped imported key '{}' inside the HSM", new_label);
+      return {};
+    }
+    if (rv != CKR_MECHANISM_PARAM_INVALID && rv != CKR_ARGUMENTS_BAD && rv != CKR_MECHANISM_INVALID) {
+      if (rv == CKR_WRAPPED_KEY_INVALID || rv == CKR_WRAPPED_KEY_LEN_RANGE || rv == CKR_ENCRYPTED_DATA_INVALID ||
+          rv == CKR_GENERAL_ERROR || rv == CKR_FUNCTION_FAILED) {
+        return fail(HsmError::Kind::AuthenticationFailed, rv, "the wrapped key material did not decrypt");
+      }
+      return fail(kind_for(rv), rv, "C_UnwrapKey (RSA-OAEP-SHA-256) with '" + wrapping_label + "'");
+    }
+    // SoftHSM 2.6.1 implements OAEP with SHA-1 only. Fall back to the raw
+    // RSA operation inside the HSM (the private key never leaves it), OAEP
+    // decoding here in secure memory, and C_CreateObject with every
+    // attribute explicit; the material is cleansed at once.
+    log()->debug("C_UnwrapKey with OAEP-SHA-256 unsupported ({}); decoding OAEP outside the token", rv_name(rv));
+    CK_MECHANISM raw{CKM_RSA_X_509, nullptr, 0};
+    rv = impl_->f->C_DecryptInit(s, &raw, *priv);
+    if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_DecryptInit (RSA X.509) with '" + wrapping_label + "'");
+    crypto::SecureBuffer em(wrapped.size() + 16);
+    CK_ULONG em_len = static_cast<CK_ULONG>(em.size());
+    rv = impl_->f->C_Decrypt(s, const_cast<CK_BYTE_PTR>(wrapped.data()), static_cast<CK_ULONG>(wrapped.size()),
+                             em.data(), &em_len);
+    if (rv != CKR_OK) {
+      return fail(HsmError::Kind::AuthenticationFailed, rv, "the wrapped key material did not decrypt");
+    }
+    em.shrink(em_len);
+    // X.509 raw decryption returns the modulus-sized block, left-padded.
+    auto material = oaep_sha256_decode(em.span());
+    if (!material) return fail(HsmError::Kind::AuthenticationFailed, CKR_OK, "the wrapped key material is not valid RSAES-OAEP-SHA-256");
+    if (material->size() != key_bytes) {
+      return fail(HsmError::Kind::InvalidArgument, CKR_OK,
+                  "the imported key material is " + std::to_string(material->size()) + " bytes, expected " +
+                      std::to_string(key_bytes));
+    }
+    CK_ATTRIBUTE create[] = {
+        {CKA_CLASS, &cls, sizeof cls},     {CKA_KEY_TYPE, &type, sizeof type}, {CKA_TOKEN, &yes, sizeof yes},
+        {CKA_PRIVATE, &yes, sizeof yes},   {CKA_SENSITIVE, &yes, sizeof yes},  {CKA_EXTRACTABLE, &no, sizeof no},
+        {CKA_ENCRYPT, &yes, sizeof yes},   {CKA_DECRYPT, &yes, sizeof yes},    {CKA_WRAP, &no, sizeof no},
+        {CKA_UNWRAP, &no, sizeof no},      {CKA_MODIFIABLE, &no, sizeof no},   {CKA_LABEL, lbl, lbl_len},
+        {CKA_ID, lbl, lbl_len},            {CKA_VALUE, material->data(), static_cast<CK_ULONG>(material->size())},
+    };
+    rv = impl_->f->C_CreateObject(s, create, sizeof create / sizeof create[0], &h);
+    material->clear();
+    if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_CreateObject (imported AES key) '" + new_label + "'");
+    log()->debug("imported key '{}' (OAEP decoded outside the token)", new_label);
+    return {};
+  });
+}
+
+HsmResult<void> Pkcs11Hsm::destroy_objects(const std::string& label) {
+  return impl_->with_session([&](CK_SESSION_HANDLE s) -> HsmResult<void> {
+    auto all = find_objects(impl_->f, s, label, ~0UL);
+    if (!all) return Unexpected<HsmError>(all.error());
+    impl_->forget(label);
+    for (auto h : *all) {
+      CK_RV rv = impl_->f->C_DestroyObject(s, h);
+      if (rv != CKR_OK && !handle_is_stale(rv)) return fail(kind_for(rv), rv, "C_DestroyObject '" + label + "'");
+    }
+    if (!all->empty()) log()->debug("destroyed {} object(s) labelled '{}'", all->size(), label);
     return {};
   });
 }

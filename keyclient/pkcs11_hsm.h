@@ -44,6 +44,15 @@ class Pkcs11Hsm final : public Hsm {
                                               std::span<const std::uint8_t> aad,
                                               std::span<const std::uint8_t> ciphertext_and_tag) override;
   HsmResult<void> generate_random(std::span<std::uint8_t> out) override;
+  HsmResult<void> generate_hmac_key(const std::string& label) override;
+  HsmResult<std::vector<std::uint8_t>> hmac_sha256(const std::string& label,
+                                                   std::span<const std::uint8_t> data) override;
+  HsmResult<std::vector<std::uint8_t>> generate_rsa_wrapping_key_pair(const std::string& label,
+                                                                      std::size_t modulus_bits) override;
+  HsmResult<void> unwrap_aes_key_rsa_oaep_sha256(const std::string& wrapping_label,
+                                                 std::span<const std::uint8_t> wrapped,
+                                                 const std::string& new_label, std::size_t key_bytes) override;
+  HsmResult<void> destroy_objects(const std::string& label) override;
 
   struct Impl;
 

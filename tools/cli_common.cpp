@@ -118,6 +118,13 @@ ExitCode exit_code_for(const keyclient::KmsError& e) {
     case KmsErrorCode::LimitExceededException:
     case KmsErrorCode::MalformedPolicyDocumentException:
     case KmsErrorCode::UnsupportedOperationException:
+    case KmsErrorCode::IncorrectKeyMaterialException:
+    case KmsErrorCode::InvalidImportTokenException:
+    case KmsErrorCode::ExpiredImportTokenException:
+    case KmsErrorCode::InvalidGrantIdException:
+    case KmsErrorCode::InvalidGrantTokenException:
+    case KmsErrorCode::InvalidMarkerException:
+    case KmsErrorCode::TagException:
       return ExitCode::KmsRefused;
   }
   return ExitCode::Failed;

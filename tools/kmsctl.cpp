@@ -1,9 +1,13 @@
 // kmsctl: the KMS API on the command line, shaped like `aws kms`.
-// Argument parsing and wiring only; the work happens in keyclient/.
+// Argument parsing and wiring only: each subcommand (kebab-case) is one AWS
+// operation (PascalCase) sent through KeyService::call with an AWS JSON
+// request built from its options; the JSON response is printed as is.
 
 #include <openssl/crypto.h>
 
 #include <boost/program_options.hpp>
+#include <cstdlib>
+#include <ctime>
 #include <fstream>
 #include <functional>
 #include <iostream>
@@ -21,6 +25,7 @@
 namespace {
 
 namespace po = boost::program_options;
+using json = nlohmann::json;
 using kmsfs::cli::ExitCode;
 using kmsfs::keyclient::KeyService;
 using kmsfs::keyclient::KmsError;
@@ -43,293 +48,402 @@ int kms_failure(const KmsError& e) {
   return static_cast<int>(kmsfs::cli::exit_code_for(e));
 }
 
-void print_json(const nlohmann::json& j) { std::cout << j.dump(4) << "\n"; }
+void print_json(const json& j) { std::cout << j.dump(4) << "\n"; }
 
-// "fileb://PATH" (raw bytes) or base64, as `aws kms` takes blob arguments.
-std::vector<std::uint8_t> blob_argument(const std::string& option, const std::string& value) {
-  if (value.rfind("fileb://", 0) == 0) {
-    const std::string path = value.substr(8);
-    std::ifstream in(path, std::ios::binary);
-    if (!in) throw UsageError{option + ": cannot read " + path};
-    return std::vector<std::uint8_t>(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-  }
-  auto bytes = kmsfs::crypto::from_base64(value);
-  if (!bytes) throw UsageError{option + ": not base64 (use fileb://PATH for a file)"};
-  return std::move(*bytes);
+std::string read_whole_file(const std::string& option, const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw UsageError{option + ": cannot read " + path};
+  return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
-// k=v pairs (several per option, option repeatable) or one JSON object.
-kmsfs::keyclient::EncryptionContext context_argument(const std::vector<std::string>& items) {
-  kmsfs::keyclient::EncryptionContext ctx;
+// "fileb://PATH" (raw bytes) or base64, as `aws kms` takes blob arguments;
+// returned as base64 for the JSON request.
+std::string blob_argument(const std::string& option, const std::string& value) {
+  if (value.rfind("fileb://", 0) == 0) {
+    std::string raw = read_whole_file(option, value.substr(8));
+    std::string b64 = kmsfs::crypto::to_base64(std::span(reinterpret_cast<const std::uint8_t*>(raw.data()), raw.size()));
+    OPENSSL_cleanse(raw.data(), raw.size());
+    return b64;
+  }
+  if (!kmsfs::crypto::from_base64(value)) throw UsageError{option + ": not base64 (use fileb://PATH for a file)"};
+  return value;
+}
+
+// "file://PATH" or the text itself.
+std::string text_argument(const std::string& option, const std::string& value) {
+  if (value.rfind("file://", 0) == 0) return read_whole_file(option, value.substr(7));
+  return value;
+}
+
+// k=v pairs (several per option, comma-separated or repeated) or one JSON object.
+json context_argument(const std::string& option, const std::vector<std::string>& items) {
+  json ctx = json::object();
   for (const auto& item : items) {
     if (!item.empty() && item.front() == '{') {
-      auto j = nlohmann::json::parse(item, nullptr, false);
-      if (j.is_discarded() || !j.is_object()) throw UsageError{"--encryption-context: invalid JSON object"};
+      auto j = json::parse(item, nullptr, false);
+      if (j.is_discarded() || !j.is_object()) throw UsageError{option + ": invalid JSON object"};
       for (const auto& [k, v] : j.items()) {
-        if (!v.is_string()) throw UsageError{"--encryption-context: value of '" + k + "' is not a string"};
-        ctx[k] = v.get<std::string>();
+        if (!v.is_string()) throw UsageError{option + ": value of '" + k + "' is not a string"};
+        ctx[k] = v;
       }
       continue;
     }
-    auto eq = item.find('=');
-    if (eq == std::string::npos || eq == 0) {
-      throw UsageError{"--encryption-context: expected KEY=VALUE, got '" + item + "'"};
+    std::size_t start = 0;
+    while (start <= item.size()) {
+      auto comma = item.find(',', start);
+      std::string pair = item.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+      auto eq = pair.find('=');
+      if (eq == std::string::npos || eq == 0) throw UsageError{option + ": expected KEY=VALUE, got '" + pair + "'"};
+      ctx[pair.substr(0, eq)] = pair.substr(eq + 1);
+      if (comma == std::string::npos) break;
+      start = comma + 1;
     }
-    ctx[item.substr(0, eq)] = item.substr(eq + 1);
   }
   return ctx;
 }
 
 // "Key=V" or the aws form "TagKey=K,TagValue=V".
-std::vector<kmsfs::keyclient::Tag> tags_argument(const std::vector<std::string>& items) {
-  std::vector<kmsfs::keyclient::Tag> tags;
+json tags_argument(const std::vector<std::string>& items) {
+  json tags = json::array();
   for (const auto& item : items) {
     if (item.rfind("TagKey=", 0) == 0) {
       auto comma = item.find(",TagValue=");
       if (comma == std::string::npos) throw UsageError{"--tags: expected TagKey=K,TagValue=V, got '" + item + "'"};
-      tags.push_back({item.substr(7, comma - 7), item.substr(comma + 10)});
+      tags.push_back({{"TagKey", item.substr(7, comma - 7)}, {"TagValue", item.substr(comma + 10)}});
       continue;
     }
     auto eq = item.find('=');
     if (eq == std::string::npos || eq == 0) throw UsageError{"--tags: expected KEY=VALUE, got '" + item + "'"};
-    tags.push_back({item.substr(0, eq), item.substr(eq + 1)});
+    tags.push_back({{"TagKey", item.substr(0, eq)}, {"TagValue", item.substr(eq + 1)}});
   }
   return tags;
 }
 
-template <class T>
-std::optional<T> opt(const po::variables_map& vm, const char* name) {
-  if (vm.count(name) == 0) return std::nullopt;
-  return vm[name].as<T>();
+// Epoch seconds or ISO 8601 UTC ("2027-01-01T00:00:00Z").
+double time_argument(const std::string& option, const std::string& value) {
+  char* end = nullptr;
+  double d = std::strtod(value.c_str(), &end);
+  if (end != value.c_str() && *end == '\0') return d;
+  std::tm tm{};
+  const char* p = ::strptime(value.c_str(), "%Y-%m-%dT%H:%M:%S", &tm);
+  if (p == nullptr || (*p != '\0' && std::string(p) != "Z")) {
+    throw UsageError{option + ": expected epoch seconds or YYYY-MM-DDTHH:MM:SSZ, got '" + value + "'"};
+  }
+  return static_cast<double>(::timegm(&tm));
 }
 
-struct Command {
-  const char* name;
-  const char* synopsis;
-  const char* summary;
-  std::function<void(po::options_description&)> options;
-  std::function<int(KeyService&, const po::variables_map&)> run;
+enum class Arg {
+  String,      // a string field
+  Int,         // an integer field
+  Flag,        // a boolean field set by the bare option
+  Blob,        // fileb://PATH or base64
+  Context,     // KEY=VALUE ... or JSON: an encryption context object
+  Tags,        // KEY=VALUE or TagKey=K,TagValue=V ...
+  StringList,  // several strings
+  Text,        // file://PATH or the text
+  JsonValue,   // a JSON value (or file://PATH holding one)
+  Time,        // epoch seconds or ISO 8601
 };
 
-int cmd_create_key(KeyService& kms, const po::variables_map& vm) {
-  kmsfs::keyclient::CreateKeyRequest req;
-  if (auto d = opt<std::string>(vm, "description")) req.description = *d;
-  if (auto t = opt<std::vector<std::string>>(vm, "tags")) req.tags = tags_argument(*t);
-  if (auto p = opt<std::string>(vm, "policy")) {
-    if (p->rfind("file://", 0) == 0) {
-      std::ifstream in(p->substr(7));
-      if (!in) throw UsageError{"--policy: cannot read " + p->substr(7)};
-      req.policy = std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-    } else {
-      req.policy = *p;
+struct Opt {
+  const char* cli;    // option name without "--"
+  const char* field;  // AWS request field; "A.B" nests
+  Arg type;
+  bool required;
+  const char* help;
+};
+
+struct Command {
+  const char* name;       // kebab-case
+  const char* operation;  // PascalCase AWS operation
+  const char* summary;
+  std::vector<Opt> opts;
+  const char* page_field = nullptr;  // list operations: all pages unless --limit/--marker
+  bool print_empty = false;
+};
+
+std::vector<Command> commands() {
+  const Opt key{"key-id", "KeyId", Arg::String, true, "key id, key ARN, alias name or alias ARN"};
+  const Opt limit{"limit", "Limit", Arg::Int, false, "page size (then only one page is listed)"};
+  const Opt marker{"marker", "Marker", Arg::String, false, "NextMarker of the previous page"};
+  const Opt ctx{"encryption-context", "EncryptionContext", Arg::Context, false,
+                "KEY=VALUE[,KEY=VALUE] ... (or a JSON object); must match at decrypt"};
+  const Opt alg{"encryption-algorithm", "EncryptionAlgorithm", Arg::String, false, "SYMMETRIC_DEFAULT"};
+  const Opt tokens{"grant-tokens", "GrantTokens", Arg::StringList, false, "grant tokens (accepted; grants act at once)"};
+  return {
+      {"create-key", "CreateKey", "Creates a customer managed AES-256 key (generated in the HSM, or EXTERNAL).",
+       {{"description", "Description", Arg::String, false, "description of the key"},
+        {"origin", "Origin", Arg::String, false, "AWS_KMS (default) or EXTERNAL (import the material)"},
+        {"policy", "Policy", Arg::Text, false, "key policy document (JSON or file://PATH)"},
+        {"tags", "Tags", Arg::Tags, false, "KEY=VALUE or TagKey=K,TagValue=V ..."},
+        {"key-usage", "KeyUsage", Arg::String, false, "ENCRYPT_DECRYPT"},
+        {"key-spec", "KeySpec", Arg::String, false, "SYMMETRIC_DEFAULT"},
+        {"bypass-policy-lockout-safety-check", "BypassPolicyLockoutSafetyCheck", Arg::Flag, false,
+         "accept a policy that would lock you out"},
+        {"alias", "", Arg::String, false, "also create this alias (alias/NAME) for the key (kmsctl extension)"}}},
+      {"describe-key", "DescribeKey", "Shows a key's metadata.", {key}},
+      {"list-keys", "ListKeys", "Lists the keys.", {limit, marker}, "Keys"},
+      {"update-key-description", "UpdateKeyDescription", "Changes a key's description.",
+       {key, {"description", "Description", Arg::String, true, "new description"}}},
+      {"enable-key", "EnableKey", "Enables a key.", {key}},
+      {"disable-key", "DisableKey", "Disables a key (cryptographic use fails with DisabledException).", {key}},
+      {"schedule-key-deletion", "ScheduleKeyDeletion",
+       "Schedules deletion: after the window the key material is destroyed in the HSM.",
+       {key, {"pending-window-in-days", "PendingWindowInDays", Arg::Int, false, "7-30 (default 30)"}}},
+      {"cancel-key-deletion", "CancelKeyDeletion", "Cancels a scheduled deletion (the key stays Disabled).", {key}},
+      {"enable-key-rotation", "EnableKeyRotation", "Turns on automatic rotation.",
+       {key, {"rotation-period-in-days", "RotationPeriodInDays", Arg::Int, false, "90-2560 (default 365)"}}},
+      {"disable-key-rotation", "DisableKeyRotation", "Turns off automatic rotation.", {key}},
+      {"get-key-rotation-status", "GetKeyRotationStatus", "Shows the rotation settings.", {key}},
+      {"rotate-key-on-demand", "RotateKeyOnDemand", "Adds a new key version now.", {key}},
+      {"list-key-rotations", "ListKeyRotations", "Lists the key's rotations.", {key, limit, marker}, "Rotations"},
+      {"create-alias", "CreateAlias", "Creates an alias for a key.",
+       {{"alias-name", "AliasName", Arg::String, true, "alias/NAME"},
+        {"target-key-id", "TargetKeyId", Arg::String, true, "key id or key ARN"}}},
+      {"update-alias", "UpdateAlias", "Points an alias at another key.",
+       {{"alias-name", "AliasName", Arg::String, true, "alias/NAME"},
+        {"target-key-id", "TargetKeyId", Arg::String, true, "key id or key ARN"}}},
+      {"delete-alias", "DeleteAlias", "Deletes an alias.", {{"alias-name", "AliasName", Arg::String, true, "alias/NAME"}}},
+      {"list-aliases", "ListAliases", "Lists aliases, optionally only those of one key.",
+       {{"key-id", "KeyId", Arg::String, false, "only aliases of this key"}, limit, marker}, "Aliases"},
+      {"generate-data-key", "GenerateDataKey",
+       "Returns a new data key in plaintext and wrapped under KEY (default AES_256).",
+       {key, ctx, {"key-spec", "KeySpec", Arg::String, false, "AES_256 or AES_128"},
+        {"number-of-bytes", "NumberOfBytes", Arg::Int, false, "1-1024"}, tokens}},
+      {"generate-data-key-without-plaintext", "GenerateDataKeyWithoutPlaintext",
+       "Returns a new data key wrapped under KEY only.",
+       {key, ctx, {"key-spec", "KeySpec", Arg::String, false, "AES_256 or AES_128"},
+        {"number-of-bytes", "NumberOfBytes", Arg::Int, false, "1-1024"}, tokens}},
+      {"encrypt", "Encrypt", "Encrypts up to 4096 bytes under KEY.",
+       {key, {"plaintext", "Plaintext", Arg::Blob, true, "fileb://PATH or base64 (1-4096 bytes)"}, ctx, alg, tokens}},
+      {"decrypt", "Decrypt", "Decrypts a ciphertext blob (the key is named in the blob).",
+       {{"ciphertext-blob", "CiphertextBlob", Arg::Blob, true, "fileb://PATH or base64"}, ctx,
+        {"key-id", "KeyId", Arg::String, false, "refuse (IncorrectKeyException) unless the blob is under this key"},
+        alg, tokens}},
+      {"re-encrypt", "ReEncrypt", "Decrypts and re-encrypts inside the KMS; the plaintext never leaves it.",
+       {{"ciphertext-blob", "CiphertextBlob", Arg::Blob, true, "fileb://PATH or base64"},
+        {"source-encryption-context", "SourceEncryptionContext", Arg::Context, false, "context of the blob"},
+        {"source-key-id", "SourceKeyId", Arg::String, false, "refuse unless the blob is under this key"},
+        {"destination-key-id", "DestinationKeyId", Arg::String, true, "key to encrypt under"},
+        {"destination-encryption-context", "DestinationEncryptionContext", Arg::Context, false, "new context"},
+        tokens}},
+      {"generate-random", "GenerateRandom", "Random bytes from the HSM.",
+       {{"number-of-bytes", "NumberOfBytes", Arg::Int, true, "1-1024"}}},
+      {"get-key-policy", "GetKeyPolicy", "Shows the key policy.",
+       {key, {"policy-name", "PolicyName", Arg::String, false, "default"}}},
+      {"put-key-policy", "PutKeyPolicy", "Replaces the key policy.",
+       {key, {"policy", "Policy", Arg::Text, true, "policy document (JSON or file://PATH)"},
+        {"policy-name", "PolicyName", Arg::String, false, "default"},
+        {"bypass-policy-lockout-safety-check", "BypassPolicyLockoutSafetyCheck", Arg::Flag, false,
+         "accept a policy that would lock you out"}}},
+      {"list-key-policies", "ListKeyPolicies", "Lists the key's policy names.", {key, limit, marker}},
+      {"get-parameters-for-import", "GetParametersForImport",
+       "Creates an RSA wrapping key pair in the HSM and an import token (valid 24 h).",
+       {key, {"wrapping-algorithm", "WrappingAlgorithm", Arg::String, true, "RSAES_OAEP_SHA_256"},
+        {"wrapping-key-spec", "WrappingKeySpec", Arg::String, true, "RSA_3072 (or RSA_2048, RSA_4096)"}}},
+      {"import-key-material", "ImportKeyMaterial", "Imports 256-bit key material wrapped with the public key.",
+       {key, {"import-token", "ImportToken", Arg::Blob, true, "fileb://PATH or base64"},
+        {"encrypted-key-material", "EncryptedKeyMaterial", Arg::Blob, true, "fileb://PATH or base64"},
+        {"expiration-model", "ExpirationModel", Arg::String, false,
+         "KEY_MATERIAL_EXPIRES or KEY_MATERIAL_DOES_NOT_EXPIRE"},
+        {"valid-to", "ValidTo", Arg::Time, false, "expiry (epoch seconds or YYYY-MM-DDTHH:MM:SSZ)"}}},
+      {"delete-imported-key-material", "DeleteImportedKeyMaterial",
+       "Destroys imported key material in the HSM (the key becomes PendingImport).", {key}},
+      {"tag-resource", "TagResource", "Adds or replaces tags.",
+       {key, {"tags", "Tags", Arg::Tags, true, "KEY=VALUE or TagKey=K,TagValue=V ..."}}},
+      {"untag-resource", "UntagResource", "Removes tags.",
+       {key, {"tag-keys", "TagKeys", Arg::StringList, true, "tag keys to remove"}}},
+      {"list-resource-tags", "ListResourceTags", "Lists a key's tags.", {key, limit, marker}, "Tags"},
+      {"create-grant", "CreateGrant", "Grants a local principal some operations on a key.",
+       {key, {"grantee-principal", "GranteePrincipal", Arg::String, true, "uid:N, user:NAME, gid:N or group:NAME"},
+        {"operations", "Operations", Arg::StringList, true, "Decrypt Encrypt GenerateDataKey ..."},
+        {"retiring-principal", "RetiringPrincipal", Arg::String, false, "who may retire the grant"},
+        {"name", "Name", Arg::String, false, "grant name (same name and parameters: same grant)"},
+        {"constraints", "Constraints", Arg::JsonValue, false, "{\"EncryptionContextSubset\":{...}} or ...Equals"},
+        {"encryption-context-equals", "Constraints.EncryptionContextEquals", Arg::Context, false,
+         "constraint: the request's context must equal this"},
+        {"encryption-context-subset", "Constraints.EncryptionContextSubset", Arg::Context, false,
+         "constraint: the request's context must include this"},
+        tokens}},
+      {"list-grants", "ListGrants", "Lists a key's grants.",
+       {key, {"grant-id", "GrantId", Arg::String, false, "only this grant"},
+        {"grantee-principal", "GranteePrincipal", Arg::String, false, "only grants to this principal"}, limit, marker},
+       "Grants"},
+      {"retire-grant", "RetireGrant", "Retires a grant (by token, or key and grant id).",
+       {{"grant-token", "GrantToken", Arg::String, false, "the grant token"},
+        {"key-id", "KeyId", Arg::String, false, "the key (with --grant-id)"},
+        {"grant-id", "GrantId", Arg::String, false, "the grant (with --key-id)"}}},
+      {"revoke-grant", "RevokeGrant", "Revokes a grant.",
+       {key, {"grant-id", "GrantId", Arg::String, true, "the grant"}}},
+      {"audit verify", "VerifyAuditLog",
+       "Verifies the audit trail's hash chain and HSM-MACed checkpoints; names the first bad record.", {}, nullptr,
+       true},
+      {"audit search", "SearchAuditLog", "Prints the audit records that match (JSON).",
+       {{"key-id", "KeyId", Arg::String, false, "records about this key (id, ARN or alias)"},
+        {"event-name", "EventName", Arg::String, false, "e.g. Decrypt"},
+        {"since", "Since", Arg::String, false, "records at or after this time (YYYY-MM-DDTHH:MM:SSZ)"},
+        {"limit", "Limit", Arg::Int, false, "at most this many records"}},
+       nullptr, true},
+  };
+}
+
+void add_options(po::options_description& d, const Command& c) {
+  for (const auto& o : c.opts) {
+    switch (o.type) {
+      case Arg::Flag:
+        d.add_options()(o.cli, po::bool_switch(), o.help);
+        break;
+      case Arg::Int:
+        if (o.required) {
+          d.add_options()(o.cli, po::value<long long>()->required(), o.help);
+        } else {
+          d.add_options()(o.cli, po::value<long long>(), o.help);
+        }
+        break;
+      case Arg::Context:
+      case Arg::Tags:
+      case Arg::StringList:
+        if (o.required) {
+          d.add_options()(o.cli, po::value<std::vector<std::string>>()->multitoken()->composing()->required(), o.help);
+        } else {
+          d.add_options()(o.cli, po::value<std::vector<std::string>>()->multitoken()->composing(), o.help);
+        }
+        break;
+      default:
+        if (o.required) {
+          d.add_options()(o.cli, po::value<std::string>()->required(), o.help);
+        } else {
+          d.add_options()(o.cli, po::value<std::string>(), o.help);
+        }
     }
   }
-  auto alias = opt<std::string>(vm, "alias");
-  if (alias) {
+}
+
+void set_field(json& req, const std::string& field, json value) {
+  auto dot = field.find('.');
+  if (dot == std::string::npos) {
+    req[field] = std::move(value);
+    return;
+  }
+  req[field.substr(0, dot)][field.substr(dot + 1)] = std::move(value);
+}
+
+json build_request(const Command& c, const po::variables_map& vm) {
+  json req = json::object();
+  for (const auto& o : c.opts) {
+    if (std::string(o.field).empty() || vm.count(o.cli) == 0) continue;
+    const std::string option = std::string("--") + o.cli;
+    switch (o.type) {
+      case Arg::Flag:
+        if (vm[o.cli].as<bool>()) set_field(req, o.field, true);
+        break;
+      case Arg::Int:
+        set_field(req, o.field, vm[o.cli].as<long long>());
+        break;
+      case Arg::Blob:
+        set_field(req, o.field, blob_argument(option, vm[o.cli].as<std::string>()));
+        break;
+      case Arg::Context:
+        set_field(req, o.field, context_argument(option, vm[o.cli].as<std::vector<std::string>>()));
+        break;
+      case Arg::Tags:
+        set_field(req, o.field, tags_argument(vm[o.cli].as<std::vector<std::string>>()));
+        break;
+      case Arg::StringList:
+        set_field(req, o.field, vm[o.cli].as<std::vector<std::string>>());
+        break;
+      case Arg::Text:
+        set_field(req, o.field, text_argument(option, vm[o.cli].as<std::string>()));
+        break;
+      case Arg::JsonValue: {
+        auto j = json::parse(text_argument(option, vm[o.cli].as<std::string>()), nullptr, false);
+        if (j.is_discarded()) throw UsageError{option + ": not valid JSON"};
+        for (const auto& [k, v] : j.items()) set_field(req, std::string(o.field) + "." + k, v);
+        break;
+      }
+      case Arg::Time:
+        set_field(req, o.field, time_argument(option, vm[o.cli].as<std::string>()));
+        break;
+      case Arg::String:
+        set_field(req, o.field, vm[o.cli].as<std::string>());
+        break;
+    }
+  }
+  return req;
+}
+
+int run_command(KeyService& kms, const Command& c, const po::variables_map& vm) {
+  json req = build_request(c, vm);
+  const std::string name = c.name;
+  if (name == "generate-data-key" || name == "generate-data-key-without-plaintext") {
+    if (!req.contains("KeySpec") && !req.contains("NumberOfBytes")) req["KeySpec"] = "AES_256";
+  }
+  std::optional<std::string> alias;
+  if (name == "create-key" && vm.count("alias") != 0) {
+    alias = vm["alias"].as<std::string>();
     // Refuse before creating anything, so a taken or reserved name leaves no
     // stray key (and describing the managed alias would create its key).
     if (*alias == kmsfs::keyclient::kDefaultManagedAlias) {
-      return kms_failure({KmsErrorCode::InvalidAliasNameException,
-                          *alias + " is reserved for the managed kmsfs key"});
+      return kms_failure({KmsErrorCode::InvalidAliasNameException, *alias + " is reserved for the managed kmsfs key"});
     }
-    auto existing = kms.describe_key({*alias});
+    auto existing = kms.call("DescribeKey", {{"KeyId", *alias}});
     if (existing) {
       return kms_failure({KmsErrorCode::AlreadyExistsException, "An alias with the name " + *alias + " already exists"});
     }
     if (existing.error().code != KmsErrorCode::NotFoundException) return kms_failure(existing.error());
   }
-  auto r = kms.create_key(req);
-  if (!r) return kms_failure(r.error());
-  print_json(*r);
+  json out;
+  if (c.page_field != nullptr && !req.contains("Limit") && !req.contains("Marker")) {
+    out = json{{c.page_field, json::array()}, {"Truncated", false}};
+    for (;;) {
+      auto r = kms.call(c.operation, req);
+      if (!r) return kms_failure(r.error());
+      for (auto& item : (*r)[c.page_field]) out[c.page_field].push_back(item);
+      if (!r->value("Truncated", false)) break;
+      req["Marker"] = (*r)["NextMarker"];
+    }
+  } else {
+    auto r = kms.call(c.operation, req);
+    if (!r) return kms_failure(r.error());
+    out = std::move(*r);
+  }
   if (alias) {
-    auto a = kms.create_alias({*alias, r->key_metadata.key_id});
+    auto a = kms.call("CreateAlias", {{"AliasName", *alias}, {"TargetKeyId", out["KeyMetadata"]["KeyId"]}});
     if (!a) return kms_failure(a.error());
   }
-  return 0;
-}
-
-int cmd_list_keys(KeyService& kms, const po::variables_map& vm) {
-  kmsfs::keyclient::ListKeysRequest req;
-  req.limit = opt<int>(vm, "limit");
-  req.marker = opt<std::string>(vm, "marker");
-  const bool one_page = req.limit.has_value() || req.marker.has_value();
-  kmsfs::keyclient::ListKeysResponse all;
-  for (;;) {
-    auto r = kms.list_keys(req);
-    if (!r) return kms_failure(r.error());
-    all.keys.insert(all.keys.end(), r->keys.begin(), r->keys.end());
-    all.truncated = r->truncated;
-    all.next_marker = r->next_marker;
-    if (one_page || !r->truncated) break;
-    req.marker = r->next_marker;
+  if (name == "audit verify") {
+    print_json(out);
+    if (!out.value("Valid", false)) {
+      std::cerr << kTool << ": the audit trail was tampered with: " << out.value("Problem", std::string()) << "\n";
+      return static_cast<int>(ExitCode::Corrupt);
+    }
+    return 0;
   }
-  print_json(all);
-  return 0;
-}
-
-int cmd_describe_key(KeyService& kms, const po::variables_map& vm) {
-  auto r = kms.describe_key({vm["key-id"].as<std::string>()});
-  if (!r) return kms_failure(r.error());
-  print_json(*r);
-  return 0;
-}
-
-int cmd_create_alias(KeyService& kms, const po::variables_map& vm) {
-  auto r = kms.create_alias({vm["alias-name"].as<std::string>(), vm["target-key-id"].as<std::string>()});
-  if (!r) return kms_failure(r.error());
-  return 0;  // like `aws kms create-alias`: no output
-}
-
-int cmd_list_aliases(KeyService& kms, const po::variables_map& vm) {
-  kmsfs::keyclient::ListAliasesRequest req;
-  req.key_id = opt<std::string>(vm, "key-id");
-  kmsfs::keyclient::ListAliasesResponse all;
-  for (;;) {
-    auto r = kms.list_aliases(req);
-    if (!r) return kms_failure(r.error());
-    all.aliases.insert(all.aliases.end(), r->aliases.begin(), r->aliases.end());
-    if (!r->truncated) break;
-    req.marker = r->next_marker;
+  if (name == "audit search") {
+    print_json(out["Events"]);
+    return 0;
   }
-  print_json(all);
+  if (!out.empty() || c.print_empty) print_json(out);  // like `aws kms`: empty responses print nothing
   return 0;
-}
-
-int cmd_generate_data_key(KeyService& kms, const po::variables_map& vm) {
-  kmsfs::keyclient::GenerateDataKeyRequest req;
-  req.key_id = vm["key-id"].as<std::string>();
-  if (auto c = opt<std::vector<std::string>>(vm, "encryption-context")) req.encryption_context = context_argument(*c);
-  req.key_spec = opt<std::string>(vm, "key-spec");
-  req.number_of_bytes = opt<int>(vm, "number-of-bytes");
-  if (!req.key_spec && !req.number_of_bytes) req.key_spec = "AES_256";
-  auto r = kms.generate_data_key(req);
-  if (!r) return kms_failure(r.error());
-  print_json(*r);
-  return 0;
-}
-
-int cmd_decrypt(KeyService& kms, const po::variables_map& vm) {
-  kmsfs::keyclient::DecryptRequest req;
-  req.ciphertext_blob = blob_argument("--ciphertext-blob", vm["ciphertext-blob"].as<std::string>());
-  if (auto c = opt<std::vector<std::string>>(vm, "encryption-context")) req.encryption_context = context_argument(*c);
-  req.key_id = opt<std::string>(vm, "key-id");
-  if (auto a = opt<std::string>(vm, "encryption-algorithm")) req.encryption_algorithm = *a;
-  auto r = kms.decrypt(req);
-  if (!r) return kms_failure(r.error());
-  print_json(*r);
-  return 0;
-}
-
-int cmd_encrypt(KeyService& kms, const po::variables_map& vm) {
-  kmsfs::keyclient::EncryptRequest req;
-  req.key_id = vm["key-id"].as<std::string>();
-  auto pt = blob_argument("--plaintext", vm["plaintext"].as<std::string>());
-  req.plaintext = kmsfs::crypto::SecureBuffer::from(pt);
-  OPENSSL_cleanse(pt.data(), pt.size());
-  if (auto c = opt<std::vector<std::string>>(vm, "encryption-context")) req.encryption_context = context_argument(*c);
-  if (auto a = opt<std::string>(vm, "encryption-algorithm")) req.encryption_algorithm = *a;
-  auto r = kms.encrypt(req);
-  if (!r) return kms_failure(r.error());
-  print_json(*r);
-  return 0;
-}
-
-int cmd_generate_random(KeyService& kms, const po::variables_map& vm) {
-  auto r = kms.generate_random({vm["number-of-bytes"].as<int>()});
-  if (!r) return kms_failure(r.error());
-  print_json(*r);
-  return 0;
-}
-
-void ctx_option(po::options_description& d) {
-  d.add_options()("encryption-context", po::value<std::vector<std::string>>()->multitoken()->composing(),
-                  "KEY=VALUE ... (or a JSON object); must match at decrypt");
-}
-
-std::vector<Command> commands() {
-  return {
-      {"create-key", "[--description TEXT] [--alias alias/NAME] [--tags KEY=VALUE ...] [--policy JSON|file://PATH]",
-       "Creates a customer managed AES-256 key in the HSM.",
-       [](po::options_description& d) {
-         d.add_options()("description", po::value<std::string>(), "description of the key")(
-             "alias", po::value<std::string>(), "also create this alias (alias/NAME) for the key")(
-             "tags", po::value<std::vector<std::string>>()->multitoken()->composing(),
-             "KEY=VALUE or TagKey=K,TagValue=V ...")("policy", po::value<std::string>(),
-                                                       "key policy document (JSON or file://PATH)");
-       },
-       cmd_create_key},
-      {"list-keys", "[--limit N] [--marker M]", "Lists the keys (all pages unless --limit or --marker).",
-       [](po::options_description& d) {
-         d.add_options()("limit", po::value<int>(), "page size (1-1000)")("marker", po::value<std::string>(),
-                                                                         "NextMarker of the previous page");
-       },
-       cmd_list_keys},
-      {"describe-key", "--key-id KEY", "Shows a key's metadata.",
-       [](po::options_description& d) {
-         d.add_options()("key-id", po::value<std::string>()->required(), "key id, key ARN, alias name or alias ARN");
-       },
-       cmd_describe_key},
-      {"create-alias", "--alias-name alias/NAME --target-key-id KEY", "Creates an alias for a key.",
-       [](po::options_description& d) {
-         d.add_options()("alias-name", po::value<std::string>()->required(), "alias/NAME")(
-             "target-key-id", po::value<std::string>()->required(), "key id or key ARN");
-       },
-       cmd_create_alias},
-      {"list-aliases", "[--key-id KEY]", "Lists aliases, optionally only those of one key.",
-       [](po::options_description& d) {
-         d.add_options()("key-id", po::value<std::string>(), "only aliases of this key");
-       },
-       cmd_list_aliases},
-      {"generate-data-key",
-       "--key-id KEY [--encryption-context K=V ...] [--key-spec AES_256|AES_128 | --number-of-bytes N]",
-       "Returns a new data key in plaintext and wrapped under KEY (default AES_256).",
-       [](po::options_description& d) {
-         d.add_options()("key-id", po::value<std::string>()->required(), "key id, ARN or alias")(
-             "key-spec", po::value<std::string>(), "AES_256 or AES_128")("number-of-bytes", po::value<int>(),
-                                                                          "1-1024");
-         ctx_option(d);
-       },
-       cmd_generate_data_key},
-      {"decrypt", "--ciphertext-blob fileb://PATH|BASE64 [--encryption-context K=V ...] [--key-id KEY]",
-       "Decrypts a ciphertext blob (the key is named in the blob).",
-       [](po::options_description& d) {
-         d.add_options()("ciphertext-blob", po::value<std::string>()->required(), "fileb://PATH or base64")(
-             "key-id", po::value<std::string>(), "refuse unless the blob was encrypted under this key")(
-             "encryption-algorithm", po::value<std::string>(), "SYMMETRIC_DEFAULT");
-         ctx_option(d);
-       },
-       cmd_decrypt},
-      {"encrypt", "--key-id KEY --plaintext fileb://PATH|BASE64 [--encryption-context K=V ...]",
-       "Encrypts up to 4096 bytes under KEY.",
-       [](po::options_description& d) {
-         d.add_options()("key-id", po::value<std::string>()->required(), "key id, ARN or alias")(
-             "plaintext", po::value<std::string>()->required(), "fileb://PATH or base64 (1-4096 bytes)")(
-             "encryption-algorithm", po::value<std::string>(), "SYMMETRIC_DEFAULT");
-         ctx_option(d);
-       },
-       cmd_encrypt},
-      {"generate-random", "--number-of-bytes N", "Random bytes from the HSM.",
-       [](po::options_description& d) {
-         d.add_options()("number-of-bytes", po::value<int>()->required(), "1-1024");
-       },
-       cmd_generate_random},
-  };
 }
 
 void general_help(std::ostream& os) {
   os << "Usage: kmsctl [GLOBAL OPTIONS] COMMAND [OPTIONS]\n\n"
-        "The kmsfs KMS on the command line, shaped like `aws kms`: JSON output, the same\n"
-        "operation, field and error names. KEY is a key id, key ARN, alias name\n"
-        "(alias/NAME) or alias ARN.\n\nCommands:\n";
+        "The kmsfs KMS on the command line, shaped like `aws kms`: each command is the AWS\n"
+        "operation of that name (create-key = CreateKey), options are its request fields,\n"
+        "output is its JSON response, errors carry the AWS error names. KEY is a key id,\n"
+        "key ARN, alias name (alias/NAME) or alias ARN; blobs are fileb://PATH or base64.\n\n"
+        "Commands:\n";
   for (const auto& c : commands()) {
     std::string n = c.name;
-    n.resize(20, ' ');
-    os << "  " << n << c.summary << "\n";
+    if (n.size() < 36) n.resize(36, ' ');
+    os << "  " << n << " " << c.summary << "\n";
   }
   os << "\n'kmsctl COMMAND --help' shows a command's options.\n\n"
      << kmsfs::cli::kGlobalOptionsHelp << "\n"
      << kmsfs::cli::kEnvironmentHelp << "\n"
-     << kmsfs::cli::kExitCodesHelp;
+     << kmsfs::cli::kExitCodesHelp
+     << "  (kmsctl audit verify exits 5 when the audit trail was tampered with)\n";
 }
 
 int run(int argc, char** argv) {
@@ -344,7 +458,13 @@ int run(int argc, char** argv) {
     general_help(std::cerr);
     return static_cast<int>(ExitCode::Usage);
   }
-  const std::string name = g.rest[0];
+  std::string name = g.rest[0];
+  std::size_t first_arg = 1;
+  if (name == "audit") {
+    if (g.rest.size() < 2) return usage_error("audit: expected 'audit verify' or 'audit search'");
+    name += " " + g.rest[1];
+    first_arg = 2;
+  }
   const auto all = commands();
   const Command* cmd = nullptr;
   for (const auto& c : all) {
@@ -353,16 +473,16 @@ int run(int argc, char** argv) {
   if (cmd == nullptr) return usage_error("unknown command '" + name + "' (see kmsctl --help)");
 
   po::options_description desc("Options");
-  cmd->options(desc);
+  add_options(desc, *cmd);
   if (g.help) {
-    std::cout << "Usage: kmsctl " << cmd->name << " " << cmd->synopsis << "\n\n"
-              << cmd->summary << "\n\n"
+    std::cout << "Usage: kmsctl " << cmd->name << " [OPTIONS]\n\n"
+              << cmd->summary << "\nAWS operation: " << cmd->operation << "\n\n"
               << desc << "\n"
               << kmsfs::cli::kGlobalOptionsHelp << "\n"
               << kmsfs::cli::kExitCodesHelp;
     return 0;
   }
-  std::vector<std::string> args(g.rest.begin() + 1, g.rest.end());
+  std::vector<std::string> args(g.rest.begin() + static_cast<std::ptrdiff_t>(first_arg), g.rest.end());
   po::variables_map vm;
   try {
     po::store(po::command_line_parser(args).options(desc).run(), vm);
@@ -381,7 +501,7 @@ int run(int argc, char** argv) {
     return static_cast<int>(kmsfs::cli::exit_code_for(kms.error()));
   }
   try {
-    return cmd->run(**kms, vm);
+    return run_command(**kms, *cmd, vm);
   } catch (const UsageError& e) {
     return usage_error(name + ": " + e.message);
   }

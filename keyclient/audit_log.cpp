@@ -1,0 +1,410 @@
+#include "keyclient/audit_log.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <ctime>
+#include <map>
+
+#include "crypto/encoding.h"
+#include "crypto/sha256.h"
+#include "keyclient/logger.h"
+#include "keyclient/state_files.h"
+
+namespace kmsfs::keyclient {
+
+using nlohmann::json;
+
+namespace {
+
+const std::string kZeroHash(64, '0');
+constexpr const char* kHashField = ",\"hash\":\"";
+
+Unexpected<KmsError> internal(std::string msg) {
+  named_logger("kmsfs.kms")->error("audit log: {}", msg);
+  return kms_error(KmsErrorCode::KMSInternalException, "audit log: " + std::move(msg));
+}
+
+std::string hex(std::span<const std::uint8_t> b) {
+  static const char* d = "0123456789abcdef";
+  std::string out;
+  for (auto c : b) {
+    out.push_back(d[c >> 4]);
+    out.push_back(d[c & 15]);
+  }
+  return out;
+}
+
+std::string chain_hash(const std::string& prev_hash, const std::string& body) {
+  std::string input = prev_hash + "\n" + body;
+  return hex(crypto::sha256(std::span(reinterpret_cast<const std::uint8_t*>(input.data()), input.size())));
+}
+
+// Splits a line into the hashed body and the stored hash.
+bool split_line(const std::string& line, std::string& body, std::string& hash) {
+  auto pos = line.rfind(kHashField);
+  if (pos == std::string::npos || line.size() < pos + 9 + 64 + 2) return false;
+  body = line.substr(0, pos);
+  hash = line.substr(pos + 9, 64);
+  return line.compare(pos + 9 + 64, std::string::npos, "\"}") == 0;
+}
+
+Result<std::string, std::string> read_all(const std::string& path) {
+  auto t = read_file_if_exists(path);
+  if (!t) return unexpected(t.error());
+  return t->value_or(std::string());
+}
+
+}  // namespace
+
+std::string iso8601_utc(double epoch_seconds) {
+  std::time_t t = static_cast<std::time_t>(epoch_seconds);
+  std::tm tm{};
+  ::gmtime_r(&t, &tm);
+  char buf[32];
+  std::strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm);
+  return buf;
+}
+
+AuditLog::AuditLog(std::string state_dir, Hsm& hsm, std::uint64_t checkpoint_every)
+    : dir_(std::move(state_dir)),
+      path_(dir_ + "/audit.log"),
+      head_path_(dir_ + "/audit.head"),
+      lock_path_(dir_ + "/audit.lock"),
+      hsm_(hsm),
+      checkpoint_every_(checkpoint_every == 0 ? 64 : checkpoint_every) {}
+
+AuditLog::~AuditLog() {
+  try {
+    bool dirty = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      dirty = dirty_;
+    }
+    if (dirty) {
+      auto w = write_head();
+      if (!w) named_logger("kmsfs.kms")->warn("could not write the audit head: {}", w.error().message);
+    }
+  } catch (...) {
+    // A destructor never throws.
+  }
+}
+
+KmsResult<void> AuditLog::ensure_hmac_key() {
+  if (hmac_ready_) return {};
+  auto exists = hsm_.key_exists(kHmacLabel);
+  if (!exists) return internal("cannot look up the audit HMAC key: " + exists.error().message);
+  if (!*exists) {
+    auto g = hsm_.generate_hmac_key(kHmacLabel);
+    // Another process may have created it at the same moment.
+    if (!g) {
+      auto again = hsm_.key_exists(kHmacLabel);
+      if (!again || !*again) return internal("cannot create the audit HMAC key: " + g.error().message);
+    }
+  }
+  hmac_ready_ = true;
+  return {};
+}
+
+KmsResult<std::vector<std::uint8_t>> AuditLog::mac(const std::string& text) {
+  if (auto e = ensure_hmac_key(); !e) return Unexpected<KmsError>(e.error());
+  auto m = hsm_.hmac_sha256(kHmacLabel, std::span(reinterpret_cast<const std::uint8_t*>(text.data()), text.size()));
+  if (!m) return internal("HMAC in the HSM failed: " + m.error().message);
+  return std::move(*m);
+}
+
+// Reads the last complete line of the log into tail_seq_/tail_hash_.
+KmsResult<void> AuditLog::load_tail() {
+  UniqueFd fd(::open(path_.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) {
+    if (errno != ENOENT) return internal("cannot open " + path_ + ": " + errno_text(errno));
+    tail_seq_ = 0;
+    tail_hash_ = kZeroHash;
+    tail_ino_ = 0;
+    tail_size_ = 0;
+    return {};
+  }
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return internal("cannot stat " + path_ + ": " + errno_text(errno));
+  if (static_cast<std::uint64_t>(st.st_ino) == tail_ino_ && st.st_size == tail_size_) return {};
+  off_t size = st.st_size;
+  std::string tail;
+  off_t chunk = 65536;
+  for (;;) {
+    off_t start = size > chunk ? size - chunk : 0;
+    tail.resize(static_cast<std::size_t>(size - start));
+    ssize_t n = ::pread(fd.get(), tail.data(), tail.size(), start);
+    if (n < 0) return internal("cannot read " + path_ + ": " + errno_text(errno));
+    tail.resize(static_cast<std::size_t>(n));
+    // The last complete line: between the last two '\n' (a partial last
+    // line, left by a crash mid-write, is ignored and the next record
+    // starts on a fresh line).
+    auto end = tail.rfind('\n');
+    if (end == std::string::npos) {
+      if (start == 0) {
+        tail_seq_ = 0;
+        tail_hash_ = kZeroHash;
+        break;
+      }
+      chunk *= 4;
+      continue;
+    }
+    auto begin = tail.rfind('\n', end == 0 ? std::string::npos : end - 1);
+    if (begin == std::string::npos && start != 0) {
+      chunk *= 4;
+      continue;
+    }
+    std::string line = tail.substr(begin == std::string::npos ? 0 : begin + 1,
+                                   end - (begin == std::string::npos ? 0 : begin + 1));
+    json j = json::parse(line, nullptr, false);
+    if (j.is_discarded() || !j.contains("seq") || !j.contains("hash")) {
+      return internal("the last record of " + path_ + " is not a chained record; run `kmsctl audit verify`");
+    }
+    tail_seq_ = j["seq"].get<std::uint64_t>();
+    tail_hash_ = j["hash"].get<std::string>();
+    break;
+  }
+  tail_ino_ = static_cast<std::uint64_t>(st.st_ino);
+  tail_size_ = st.st_size;
+  return {};
+}
+
+KmsResult<void> AuditLog::append(const json& event, bool durable) {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto flock = FileLock::acquire(lock_path_);
+  if (!flock) return internal(flock.error());
+  return append_locked(event, durable);
+}
+
+KmsResult<void> AuditLog::append_locked(const json& event, bool durable) {
+  if (auto t = load_tail(); !t) return t;
+  UniqueFd fd(::open(path_.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600));
+  if (!fd.valid()) return internal("cannot open " + path_ + ": " + errno_text(errno));
+  struct stat st {};
+  if (::fstat(fd.get(), &st) != 0) return internal("cannot stat " + path_ + ": " + errno_text(errno));
+  std::string out;
+  // A crash mid-write may have left a partial line: start on a new one.
+  if (st.st_size > 0) {
+    char last = 0;
+    if (::pread(fd.get(), &last, 1, st.st_size - 1) == 1 && last != '\n') out.push_back('\n');
+  }
+  auto add = [&](json rec) {
+    rec["seq"] = ++tail_seq_;
+    rec["prevHash"] = tail_hash_;
+    std::string body = rec.dump();
+    body.pop_back();  // the closing brace
+    const std::string h = chain_hash(tail_hash_, body);
+    out += body + kHashField + h + "\"}\n";
+    tail_hash_ = h;
+  };
+  const std::uint64_t first = tail_seq_ + 1;
+  add(event);
+  bool checkpoint = (tail_seq_ + 1) % checkpoint_every_ == 0;
+  if (checkpoint) {
+    auto m = mac("kmsfs-audit-checkpoint:" + std::to_string(tail_seq_ + 1) + ":" + tail_hash_);
+    if (!m) return Unexpected<KmsError>(m.error());
+    add(json{{"eventType", "AuditCheckpoint"},
+             {"eventName", "AuditCheckpoint"},
+             {"eventTime", event.value("eventTime", std::string())},
+             {"mac", hex(*m)}});
+  }
+  const char* p = out.data();
+  std::size_t left = out.size();
+  while (left > 0) {
+    ssize_t n = ::write(fd.get(), p, left);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      tail_size_ = -1;  // unknown now: re-read next time
+      return internal("cannot append to " + path_ + ": " + errno_text(errno));
+    }
+    p += n;
+    left -= static_cast<std::size_t>(n);
+  }
+  if (durable && ::fdatasync(fd.get()) != 0) {
+    tail_size_ = -1;
+    return internal("cannot fsync " + path_ + ": " + errno_text(errno));
+  }
+  tail_ino_ = static_cast<std::uint64_t>(st.st_ino);
+  tail_size_ = st.st_size + static_cast<std::int64_t>(out.size());
+  dirty_ = true;
+  (void)first;
+  if (checkpoint) return write_head_locked();
+  return {};
+}
+
+KmsResult<void> AuditLog::write_head() {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto flock = FileLock::acquire(lock_path_);
+  if (!flock) return internal(flock.error());
+  if (auto t = load_tail(); !t) return t;
+  return write_head_locked();
+}
+
+KmsResult<void> AuditLog::write_head_locked() {
+  if (tail_seq_ == 0) return {};
+  auto old = read_file_if_exists(head_path_);
+  if (old && *old) {
+    json h = json::parse(**old, nullptr, false);
+    if (!h.is_discarded() && h.value("seq", std::uint64_t{0}) >= tail_seq_) {
+      dirty_ = false;
+      return {};
+    }
+  }
+  auto m = mac("kmsfs-audit-head:" + std::to_string(tail_seq_) + ":" + tail_hash_);
+  if (!m) return Unexpected<KmsError>(m.error());
+  json head{{"seq", tail_seq_}, {"hash", tail_hash_}, {"mac", hex(*m)}};
+  auto w = atomic_write_file(head_path_, head.dump() + "\n");
+  if (!w) return internal("cannot write " + head_path_ + ": " + w.error());
+  dirty_ = false;
+  return {};
+}
+
+KmsResult<AuditVerifyReport> AuditLog::verify() {
+  std::lock_guard<std::mutex> lock(mu_);
+  auto flock = FileLock::acquire(lock_path_);
+  if (!flock) return internal(flock.error());
+  auto text = read_all(path_);
+  if (!text) return internal(text.error());
+  AuditVerifyReport rep;
+  auto fail = [&](std::uint64_t line, std::optional<std::uint64_t> seq, std::string problem) {
+    rep.ok = false;
+    rep.line = line;
+    rep.seq = seq;
+    rep.problem = "line " + std::to_string(line) + (seq ? " (seq " + std::to_string(*seq) + ")" : std::string()) +
+                  ": " + std::move(problem);
+    return rep;
+  };
+  std::vector<std::string> lines;
+  std::size_t pos = 0;
+  bool partial = false;
+  while (pos < text->size()) {
+    auto nl = text->find('\n', pos);
+    if (nl == std::string::npos) {
+      lines.push_back(text->substr(pos));
+      partial = true;
+      break;
+    }
+    lines.push_back(text->substr(pos, nl - pos));
+    pos = nl + 1;
+  }
+  // First pass: where each seq is, to tell a removal from a reordering.
+  std::map<std::uint64_t, std::uint64_t> line_of_seq;
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    json j = json::parse(lines[i], nullptr, false);
+    if (!j.is_discarded() && j.contains("seq") && j["seq"].is_number_unsigned()) {
+      line_of_seq.emplace(j["seq"].get<std::uint64_t>(), i + 1);
+    }
+  }
+  std::string prev = kZeroHash;
+  std::uint64_t expected = 1;
+  for (std::size_t i = 0; i < lines.size(); ++i) {
+    const std::uint64_t ln = i + 1;
+    if (partial && i + 1 == lines.size()) {
+      return fail(ln, std::nullopt, "the last record is truncated (no end of line)");
+    }
+    json j = json::parse(lines[i], nullptr, false);
+    if (j.is_discarded() || !j.is_object()) return fail(ln, std::nullopt, "not a JSON record (edited or truncated)");
+    if (!j.contains("seq") || !j["seq"].is_number_unsigned() || !j.contains("prevHash") || !j.contains("hash")) {
+      return fail(ln, std::nullopt, "has no seq/prevHash/hash (edited)");
+    }
+    const std::uint64_t seq = j["seq"].get<std::uint64_t>();
+    if (seq != expected) {
+      auto it = line_of_seq.find(expected);
+      if (it != line_of_seq.end() && it->second > ln) {
+        return fail(ln, seq, "out of order: expected seq " + std::to_string(expected) + ", which appears later at line " +
+                                 std::to_string(it->second) + " (records reordered)");
+      }
+      if (seq > expected) {
+        return fail(ln, seq, "record seq " + std::to_string(expected) +
+                                 (seq - expected > 1 ? " to " + std::to_string(seq - 1) : std::string()) +
+                                 " missing before this line (removed)");
+      }
+      return fail(ln, seq, "expected seq " + std::to_string(expected) + " (duplicated or reordered)");
+    }
+    std::string body, hash;
+    if (!split_line(lines[i], body, hash)) return fail(ln, seq, "the hash field is malformed (edited)");
+    if (j["prevHash"] != prev) return fail(ln, seq, "prevHash does not match the previous record (edited, removed or reordered)");
+    if (chain_hash(prev, body) != hash) return fail(ln, seq, "edited: the record's hash does not match its content");
+    if (j.value("eventType", std::string()) == "AuditCheckpoint") {
+      auto m = mac("kmsfs-audit-checkpoint:" + std::to_string(seq) + ":" + prev);
+      if (!m) return Unexpected<KmsError>(m.error());
+      if (j.value("mac", std::string()) != hex(*m)) {
+        return fail(ln, seq, "the checkpoint's HSM MAC does not verify (the chain before it was rewritten)");
+      }
+      ++rep.checkpoints;
+    }
+    prev = hash;
+    ++expected;
+    ++rep.records;
+    rep.last_seq = seq;
+  }
+  auto head_text = read_file_if_exists(head_path_);
+  if (head_text && *head_text) {
+    json h = json::parse(**head_text, nullptr, false);
+    if (h.is_discarded() || !h.contains("seq") || !h.contains("hash") || !h.contains("mac")) {
+      rep.ok = false;
+      rep.problem = head_path_ + " is malformed";
+      return rep;
+    }
+    const auto hseq = h["seq"].get<std::uint64_t>();
+    const auto hhash = h["hash"].get<std::string>();
+    auto m = mac("kmsfs-audit-head:" + std::to_string(hseq) + ":" + hhash);
+    if (!m) return Unexpected<KmsError>(m.error());
+    if (h["mac"] != hex(*m)) {
+      rep.ok = false;
+      rep.problem = head_path_ + ": the HSM MAC does not verify (the head was edited)";
+      return rep;
+    }
+    ++rep.checkpoints;
+    if (hseq > rep.last_seq) {
+      return fail(lines.size() + 1, hseq,
+                  "truncated: the log ends at seq " + std::to_string(rep.last_seq) + " but the HSM-MACed head names seq " +
+                      std::to_string(hseq) + " (records " + std::to_string(rep.last_seq + 1) + " to " +
+                      std::to_string(hseq) + " removed)");
+    }
+    auto it = line_of_seq.find(hseq);
+    if (it != line_of_seq.end()) {
+      std::string body, hash;
+      if (split_line(lines[it->second - 1], body, hash) && hash != hhash) {
+        return fail(it->second, hseq, "differs from the HSM-MACed head (the log was rewritten)");
+      }
+    }
+  }
+  return rep;
+}
+
+KmsResult<std::vector<json>> AuditLog::search(const AuditSearch& q) {
+  auto text = read_all(path_);
+  if (!text) return internal(text.error());
+  std::vector<json> out;
+  std::size_t pos = 0;
+  while (pos < text->size() && out.size() < q.limit) {
+    auto nl = text->find('\n', pos);
+    if (nl == std::string::npos) break;
+    json j = json::parse(text->substr(pos, nl - pos), nullptr, false);
+    pos = nl + 1;
+    if (j.is_discarded() || j.value("eventType", std::string()) == "AuditCheckpoint") continue;
+    if (q.event_name && j.value("eventName", std::string()) != *q.event_name) continue;
+    if (q.since && j.value("eventTime", std::string()) < *q.since) continue;
+    if (q.key_id) {
+      bool hit = false;
+      const std::string& k = *q.key_id;
+      if (j.contains("resources")) {
+        for (const auto& r : j["resources"]) {
+          const std::string arn = r.value("ARN", std::string());
+          hit = hit || arn == k || (arn.size() >= k.size() && arn.compare(arn.size() - k.size(), k.size(), k) == 0);
+        }
+      }
+      if (j.contains("requestParameters") && j["requestParameters"].is_object()) {
+        hit = hit || j["requestParameters"].value("keyId", std::string()) == k;
+      }
+      if (!hit) continue;
+    }
+    out.push_back(std::move(j));
+  }
+  return out;
+}
+
+}  // namespace kmsfs::keyclient
