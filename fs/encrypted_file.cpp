@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <openssl/crypto.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -71,6 +72,14 @@ bool EncryptedFile::open_block(std::uint64_t block, std::span<const std::uint8_t
                                  std::span(aad, sizeof aad),
                                  stored.subspan(bl::kIvSize, len),
                                  stored.subspan(bl::kIvSize + len, bl::kTagSize), out);
+}
+
+bool EncryptedFile::check_block(std::uint64_t block, std::span<const std::uint8_t> stored) const {
+  if (stored.size() <= bl::kBlockOverhead || stored.size() > bl::kStoredBlockSize) return false;
+  std::uint8_t plain[bl::kBlockSize];
+  const bool ok = open_block(block, stored, plain);
+  OPENSSL_cleanse(plain, sizeof plain);
+  return ok;
 }
 
 void EncryptedFile::seal_block(std::uint64_t block, std::span<const std::uint8_t> plain,

@@ -44,6 +44,10 @@ class EncryptedFile {
   // truncate to zero drops the header and is the caller's job). 0 or -errno.
   int truncate(std::uint64_t plain_size, std::uint64_t new_size) const;
 
+  // fsck: whether stored block `block` (its len + 28 stored bytes) opens
+  // under this file's key — a hole counts as sound.
+  bool check_block(std::uint64_t block, std::span<const std::uint8_t> stored) const;
+
  private:
   // Decrypts block `block` holding `len` plaintext bytes from `stored`
   // (len + 28 bytes) into `out`; an all-zero stored block is a hole.

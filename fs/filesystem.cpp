@@ -10,6 +10,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <cstring>
 #include <optional>
@@ -35,7 +36,11 @@ std::shared_ptr<spdlog::logger> logger() {
   return l;
 }
 
-Filesystem& fs_of(fuse_req_t req) { return *static_cast<Filesystem*>(fuse_req_userdata(req)); }
+Filesystem& fs_of(fuse_req_t req) {
+  auto* fs = static_cast<Filesystem*>(fuse_req_userdata(req));
+  fs->touch();
+  return *fs;
+}
 
 std::string proc_path(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
 
@@ -94,6 +99,11 @@ Filesystem::Filesystem(UniqueFd root_fd, FileKeys& keys, const NameMapper& names
 }
 
 Filesystem::~Filesystem() = default;
+
+double Filesystem::now_seconds() {
+  using namespace std::chrono;
+  return duration<double>(steady_clock::now().time_since_epoch()).count();
+}
 
 Inode& Filesystem::inode_of(fuse_ino_t ino) {
   if (ino == FUSE_ROOT_ID) return root_;
@@ -699,7 +709,11 @@ void Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   fi->fh = static_cast<std::uint64_t>(fd.release());
   fi->keep_cache = settings_.kernel_cache ? 1 : 0;
   fi->noflush = 0;
-  fuse_reply_open(req, fi);
+  open_handles_++;
+  if (fuse_reply_open(req, fi) == -ENOENT) {
+    // The opener was interrupted: no release will come for this handle.
+    release_handle(inode, fi);
+  }
 }
 
 void Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
@@ -742,7 +756,11 @@ void Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name, mod
   }
   fi->fh = static_cast<std::uint64_t>(fd.release());
   fi->keep_cache = settings_.kernel_cache ? 1 : 0;
-  fuse_reply_create(req, &e, fi);
+  open_handles_++;
+  if (fuse_reply_create(req, &e, fi) == -ENOENT) {
+    release_handle(inode, fi);
+    forget(e.ino, 1);
+  }
 }
 
 void Filesystem::read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
@@ -821,8 +839,7 @@ void Filesystem::write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t s
   fuse_reply_write(req, static_cast<size_t>(n));
 }
 
-void Filesystem::release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
-  Inode& inode = inode_of(ino);
+void Filesystem::release_handle(Inode& inode, fuse_file_info* fi) {
   UniqueFd fd(static_cast<int>(fi->fh));
   fd.reset();
   {
@@ -830,6 +847,11 @@ void Filesystem::release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     inode.open_count--;
   }
   drop_key_if_closed(inode);
+  open_handles_--;
+}
+
+void Filesystem::release(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
+  release_handle(inode_of(ino), fi);
   fuse_reply_err(req, 0);
 }
 
@@ -852,7 +874,11 @@ void Filesystem::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   (void)fd.release();  // owned by the DIR stream now
   fi->fh = reinterpret_cast<std::uint64_t>(handle.release());
   fi->cache_readdir = 0;
-  fuse_reply_open(req, fi);
+  open_handles_++;
+  if (fuse_reply_open(req, fi) == -ENOENT) {
+    std::unique_ptr<DirHandle> d(dir_handle(fi));
+    open_handles_--;
+  }
 }
 
 void Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -932,6 +958,7 @@ void Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 void Filesystem::releasedir(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
   std::unique_ptr<DirHandle> d(dir_handle(fi));
   d.reset();
+  open_handles_--;
   fuse_reply_err(req, 0);
 }
 

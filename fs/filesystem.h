@@ -12,6 +12,7 @@
 #define FUSE_USE_VERSION 314
 #include <fuse_lowlevel.h>
 
+#include <atomic>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -64,6 +65,14 @@ class Filesystem {
   ~Filesystem();
 
   static const fuse_lowlevel_ops& operations();
+
+  // Activity, for -o idle_timeout: every request touches; open file and
+  // directory handles keep the mount busy.
+  void touch() { last_activity_ = now_seconds(); }
+  bool idle_for(double seconds) const {
+    return open_handles_.load() == 0 && now_seconds() - last_activity_.load() >= seconds;
+  }
+  static double now_seconds();
 
   // Operation bodies, called by the noexcept trampolines in filesystem.cpp.
   void init(fuse_conn_info* conn);
@@ -130,9 +139,13 @@ class Filesystem {
   Result<std::shared_ptr<const FileKey>, int> key_for_write(Inode& inode, int fd,
                                                             std::unique_lock<std::shared_mutex>& lock);
   void drop_key_if_closed(Inode& inode);
+  // Closes a file handle's backing fd and drops its open reference.
+  void release_handle(Inode& inode, fuse_file_info* fi);
   int truncate_locked(Inode& inode, int fd, std::uint64_t new_size,
                       std::unique_lock<std::shared_mutex>& lock);
 
+  std::atomic<double> last_activity_{now_seconds()};
+  std::atomic<int> open_handles_{0};
   FileKeys& keys_;
   const NameMapper& names_;
   FsSettings settings_;

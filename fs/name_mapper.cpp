@@ -171,4 +171,79 @@ std::optional<std::vector<std::uint8_t>> NameMapper::decrypt_xattr_value(
   return cipher_->open(value, std::string(kXattrValueAd) + std::string(stored_name));
 }
 
+namespace {
+
+std::vector<std::string> split_path(const std::string& p) {
+  std::vector<std::string> out;
+  std::string cur;
+  for (char c : p) {
+    if (c == '/') {
+      if (!cur.empty() && cur != ".") out.push_back(cur);
+      cur.clear();
+    } else {
+      cur.push_back(c);
+    }
+  }
+  if (!cur.empty() && cur != ".") out.push_back(cur);
+  return out;
+}
+
+template <class Map>
+Result<std::string, std::string> map_path(const std::string& cipherdir, const std::string& path,
+                                          Map&& map_component) {
+  UniqueFd dir(::open(cipherdir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  if (!dir.valid()) return unexpected(cipherdir + ": " + std::strerror(errno));
+  std::string out;
+  std::string so_far;
+  const auto parts = split_path(path);
+  for (std::size_t i = 0; i < parts.size(); ++i) {
+    if (parts[i] == "..") return unexpected(std::string("\"..\" is not allowed in a path"));
+    auto mapped = map_component(dir.get(), parts[i]);
+    so_far += (so_far.empty() ? "" : "/") + parts[i];
+    if (!mapped) return unexpected(so_far + ": " + mapped.error());
+    out += (out.empty() ? "" : "/") + mapped->first;
+    if (i + 1 < parts.size()) {
+      UniqueFd next(::openat(dir.get(), mapped->second.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+      if (!next.valid()) return unexpected(so_far + ": " + std::strerror(errno));
+      dir = std::move(next);
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+Result<std::string, std::string> encrypt_path(const NameMapper& names, const std::string& cipherdir,
+                                              const std::string& plain_path) {
+  // Each component maps to (output name, backing name to descend into).
+  return map_path(cipherdir, plain_path,
+                  [&](int dirfd, const std::string& plain) -> Result<std::pair<std::string, std::string>, std::string> {
+                    DirIvBytes iv{};
+                    if (names.encrypted()) {
+                      if (int err = NameMapper::read_dir_iv(dirfd, iv); err != 0) {
+                        return unexpected(std::string("cannot read the directory IV: ") + std::strerror(err));
+                      }
+                    }
+                    auto b = names.to_backing(plain, iv);
+                    if (!b) return unexpected(std::string("name too long"));
+                    return std::make_pair(b->name, b->name);
+                  });
+}
+
+Result<std::string, std::string> decrypt_path(const NameMapper& names, const std::string& cipherdir,
+                                              const std::string& backing_path) {
+  return map_path(cipherdir, backing_path,
+                  [&](int dirfd, const std::string& backing) -> Result<std::pair<std::string, std::string>, std::string> {
+                    DirIvBytes iv{};
+                    if (names.encrypted()) {
+                      if (int err = NameMapper::read_dir_iv(dirfd, iv); err != 0) {
+                        return unexpected(std::string("cannot read the directory IV: ") + std::strerror(err));
+                      }
+                    }
+                    auto plain = names.to_plain(dirfd, backing, iv);
+                    if (!plain) return unexpected(std::string("not a kmsfs name, or it does not decrypt"));
+                    return std::make_pair(*plain, backing);
+                  });
+}
+
 }  // namespace kmsfs::fs

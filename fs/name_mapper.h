@@ -88,4 +88,12 @@ class NameMapper {
   std::size_t long_name_max_ = kMaxName;
 };
 
+// Whole paths (relative to the mount root / CIPHERDIR, '/'-separated) for
+// `kmsfs encrypt-path` and `decrypt-path`: backups and debugging. Errors
+// name the component that failed.
+Result<std::string, std::string> encrypt_path(const NameMapper& names, const std::string& cipherdir,
+                                              const std::string& plain_path);
+Result<std::string, std::string> decrypt_path(const NameMapper& names, const std::string& cipherdir,
+                                              const std::string& backing_path);
+
 }  // namespace kmsfs::fs

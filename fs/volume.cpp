@@ -8,7 +8,12 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <sys/mount.h>
+#include <sys/wait.h>
+
+#include <atomic>
 #include <cerrno>
+#include <thread>
 #include <csignal>
 #include <chrono>
 #include <cstring>
@@ -76,6 +81,19 @@ Result<void, std::string> write_atomically(const std::string& dir, const std::st
   UniqueFd dfd(::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (dfd.valid()) (void)::fsync(dfd.get());
   return {};
+}
+
+// Unprivileged unmount through libfuse's setuid helper.
+bool run_fusermount_unmount(const std::string& mountpoint) {
+  pid_t pid = ::fork();
+  if (pid == 0) {
+    ::execlp("fusermount3", "fusermount3", "-u", "-q", mountpoint.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  if (pid < 0) return false;
+  int status = 0;
+  ::waitpid(pid, &status, 0);
+  return WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
 double now_seconds() {
@@ -211,6 +229,12 @@ Result<MountOptions, std::string> parse_mount_options(const std::string& opts, M
       r = flag(base.debug, true);
     } else if (name == "kernel_cache") {
       r = flag(base.kernel_cache, true);
+    } else if (name == "shared_storage") {
+      r = flag(base.shared_storage, true);
+    } else if (name == "idle_timeout") {
+      auto d = parse_seconds(name, value);
+      if (!d) return unexpected(d.error());
+      base.idle_timeout = *d;
     } else if (name == "writeback_cache") {
       r = flag(base.writeback_cache, true);
     } else if (name == "no_writeback_cache") {
@@ -337,6 +361,7 @@ Volume::Volume(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 Volume::~Volume() = default;
 
 const VolumeConfig& Volume::config() const { return impl_->config; }
+const NameMapper& Volume::names() const { return impl_->names; }
 
 Result<std::unique_ptr<Volume>, std::string> Volume::open(keyclient::KeyService& kms,
                                                           const std::string& cipherdir) {
@@ -378,10 +403,10 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
   key_options.cache_ttl = opts.key_cache_ttl;
   FileKeys keys(impl_->kms, impl_->config.filesystem_id_hex(), impl_->config.key_id, key_options);
   FsSettings settings;
-  settings.entry_timeout = opts.entry_timeout;
-  settings.attr_timeout = opts.attr_timeout;
-  settings.writeback_cache = opts.writeback_cache && !opts.read_only;
-  settings.kernel_cache = opts.kernel_cache;
+  settings.entry_timeout = opts.shared_storage ? 0 : opts.entry_timeout;
+  settings.attr_timeout = opts.shared_storage ? 0 : opts.attr_timeout;
+  settings.writeback_cache = opts.writeback_cache && !opts.read_only && !opts.shared_storage;
+  settings.kernel_cache = opts.kernel_cache && !opts.shared_storage;
   settings.read_only = opts.read_only;
   Filesystem filesystem(std::move(root), keys, impl_->names, settings);
 
@@ -425,7 +450,27 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
   fuse_loop_config* cfg = fuse_loop_cfg_create();
   fuse_loop_cfg_set_clone_fd(cfg, 1);
   fuse_loop_cfg_set_max_threads(cfg, opts.max_threads);
+  // idle_timeout: a watchdog unmounts once no file or directory is open
+  // and no request came for that long. A busy mount point (a shell's cwd)
+  // makes the unmount fail with EBUSY: then it simply keeps serving.
+  std::atomic<bool> stop_watchdog{false};
+  std::thread watchdog;
+  if (opts.idle_timeout > 0) {
+    watchdog = std::thread([&] {
+      while (!stop_watchdog.load()) {
+        std::this_thread::sleep_for(std::chrono::milliseconds(250));
+        if (stop_watchdog.load() || !filesystem.idle_for(opts.idle_timeout)) continue;
+        logger()->info("{} idle for {} s: unmounting", mountpoint, opts.idle_timeout);
+        if (::geteuid() == 0 ? ::umount2(mountpoint.c_str(), 0) == 0 : run_fusermount_unmount(mountpoint)) {
+          return;
+        }
+        filesystem.touch();  // busy: try again after another idle period
+      }
+    });
+  }
   int rc = fuse_session_loop_mt(se, cfg);
+  stop_watchdog = true;
+  if (watchdog.joinable()) watchdog.join();
   fuse_loop_cfg_destroy(cfg);
   logger()->info("unmounting {}", mountpoint);
   if (rc != 0 && rc != SIGINT && rc != SIGTERM && rc != SIGHUP) {

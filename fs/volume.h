@@ -14,6 +14,8 @@
 
 namespace kmsfs::fs {
 
+class NameMapper;
+
 // CIPHERDIR/kmsfs.json (docs/format.md).
 struct VolumeConfig {
   static constexpr const char* kFileName = "kmsfs.json";
@@ -58,6 +60,10 @@ struct MountOptions {
   unsigned max_threads = 10;
   bool key_cache = true;            // key_cache=on|off: DEK cache and data-key prefetch
   double key_cache_ttl = 300;       // key_cache_ttl=SECONDS
+  double idle_timeout = 0;          // idle_timeout=SECONDS: unmount when unused (0 = never)
+  // shared_storage: several mounts share the backing dir (NFS): no kernel
+  // attribute, entry or page caching and no writeback cache.
+  bool shared_storage = false;
 };
 
 // Parses a comma-separated "-o" string into `base`. Unknown options are an
@@ -78,6 +84,7 @@ class Volume {
   ~Volume();
 
   const VolumeConfig& config() const;
+  const NameMapper& names() const;
 
   // Mounts at `mountpoint` and serves until unmounted or SIGINT/SIGTERM/
   // SIGHUP. `on_ready` runs once the kernel mount exists, before the first

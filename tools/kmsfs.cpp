@@ -30,6 +30,7 @@
 #include "fs/volume.h"
 #include "keyclient/kms_options.h"
 #include "tools/cli_common.h"
+#include "tools/volume_commands.h"
 
 namespace po = boost::program_options;
 
@@ -52,6 +53,11 @@ Commands:
                                      (runs in the background unless -f)
   umount MOUNTPOINT                  unmount
   info CIPHERDIR                     show the volume's configuration and key
+  fsck CIPHERDIR [--repair] [--json] check every header, block and name;
+                                     repair what can be repaired
+  inspect BACKINGFILE                show a backing file's header (no key bytes)
+  encrypt-path CIPHERDIR PATH        backing path of a plaintext path
+  decrypt-path CIPHERDIR PATH        plaintext path of a backing path
 
 Run `kmsfs COMMAND --help` for a command's options.
 
@@ -77,6 +83,8 @@ Exit codes:
   3  the KMS refused the request (key not found, disabled, access denied, ...)
   4  the KMS or HSM is unavailable
   5  the cipher directory is corrupt or of an unsupported format
+  6  (fsck) damage found and not all of it repaired
+  7  (fsck --repair) damage found and all of it repaired
 )";
 
 constexpr const char* kMountHelp = R"(Usage: kmsfs mount CIPHERDIR MOUNTPOINT [-f] [-o OPTS]
@@ -391,6 +399,10 @@ int run(int argc, char** argv) {
     if (command == "mount") return cmd_mount(g, args);
     if (command == "umount" || command == "unmount") return cmd_umount(g, args);
     if (command == "info") return cmd_info(g, args);
+    if (command == "fsck") return kmsfs::cli::cmd_fsck(g, args);
+    if (command == "inspect") return kmsfs::cli::cmd_inspect(g, args);
+    if (command == "encrypt-path") return kmsfs::cli::cmd_encrypt_path(g, args);
+    if (command == "decrypt-path") return kmsfs::cli::cmd_decrypt_path(g, args);
     if (command == "help") {
       std::cout << kUsage;
       return 0;

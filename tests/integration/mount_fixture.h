@@ -51,6 +51,8 @@ class Mount {
   void mount(const std::vector<std::string>& extra_args = {});
   void unmount();
   bool mounted() const { return mounted_; }
+  // The mount went away by itself (idle timeout): nothing to unmount.
+  void forget_mounted() { mounted_ = false; }
   const std::string& cipher() const { return cipher_; }
   const std::string& mnt() const { return mnt_; }
   std::string path(const std::string& rel) const { return mnt_ + "/" + rel; }
