@@ -30,6 +30,7 @@
 #include "fs/volume.h"
 #include "keyclient/kms_options.h"
 #include "tools/cli_common.h"
+#include "tools/rewrap_command.h"
 #include "tools/volume_commands.h"
 
 namespace po = boost::program_options;
@@ -53,6 +54,8 @@ Commands:
                                      (runs in the background unless -f)
   umount MOUNTPOINT                  unmount
   info CIPHERDIR                     show the volume's configuration and key
+  rewrap CIPHERDIR [--to-key KEY]    rewrap every data key to the newest key
+                                     version (or another key) via ReEncrypt
   fsck CIPHERDIR [--repair] [--json] check every header, block and name;
                                      repair what can be repaired
   inspect BACKINGFILE                show a backing file's header (no key bytes)
@@ -399,6 +402,7 @@ int run(int argc, char** argv) {
     if (command == "mount") return cmd_mount(g, args);
     if (command == "umount" || command == "unmount") return cmd_umount(g, args);
     if (command == "info") return cmd_info(g, args);
+    if (command == "rewrap") return kmsfs::cli::cmd_rewrap(g, args);
     if (command == "fsck") return kmsfs::cli::cmd_fsck(g, args);
     if (command == "inspect") return kmsfs::cli::cmd_inspect(g, args);
     if (command == "encrypt-path") return kmsfs::cli::cmd_encrypt_path(g, args);
