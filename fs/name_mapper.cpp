@@ -162,12 +162,16 @@ std::optional<std::string> NameMapper::decrypt_xattr_name(std::string_view store
 std::vector<std::uint8_t> NameMapper::encrypt_xattr_value(std::string_view stored_name,
                                                           std::span<const std::uint8_t> value) const {
   if (!encrypted()) return {value.begin(), value.end()};
+  // OpenSSL 3.0's AES-SIV cannot seal an empty plaintext (EncryptFinal
+  // fails): an empty value is stored empty; its length was visible anyway.
+  if (value.empty()) return {};
   return cipher_->seal(value, std::string(kXattrValueAd) + std::string(stored_name));
 }
 
 std::optional<std::vector<std::uint8_t>> NameMapper::decrypt_xattr_value(
     std::string_view stored_name, std::span<const std::uint8_t> value) const {
   if (!encrypted()) return std::vector<std::uint8_t>(value.begin(), value.end());
+  if (value.empty()) return std::vector<std::uint8_t>();  // see encrypt_xattr_value
   return cipher_->open(value, std::string(kXattrValueAd) + std::string(stored_name));
 }
 
