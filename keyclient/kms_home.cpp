@@ -53,7 +53,15 @@ KmsResult<void> write_softhsm_conf(const KmsHomePaths& paths) {
   if (!t) return startup_error(t.error());
   auto existing = read_file_if_exists(paths.softhsm_conf);
   if (!existing) return startup_error(existing.error());
-  if (*existing) return {};  // the operator may have tuned it: keep it
+  const std::string marker = "# Written by kmsfs for its embedded KMS";
+  const std::string tokendir_line = "directories.tokendir = " + paths.tokens + "\n";
+  if (*existing) {
+    // The operator may have tuned it: keep it — unless it is ours and names
+    // another token directory because the state dir was moved or copied
+    // (a state dir moves between embedded mode and kmsd, and to backups).
+    const std::string& text = **existing;
+    if (text.rfind(marker, 0) != 0 || text.find(tokendir_line) != std::string::npos) return {};
+  }
   const std::string conf =
       "# Written by kmsfs for its embedded KMS; SoftHSM2 reads it via SOFTHSM2_CONF.\n"
       "directories.tokendir = " +
