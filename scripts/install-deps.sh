@@ -15,7 +15,16 @@ PACKAGES=(
   fuse3 softhsm2 opensc openssl
   # demo and tests: hexdump (bsdextrautils), xxd, mountpoint (util-linux), ps/pgrep (procps)
   bsdextrautils xxd util-linux procps
+  # kmsd and systemd (#4): systemd-analyze verify of the units, curl
+  # --unix-socket and setpriv (util-linux) in the kmsd tests, man pages
+  # generated from --help
+  systemd curl help2man
 )
+# The AWS SDK for JavaScript test (npm install @aws-sdk/client-kms): any
+# node and npm will do. Debian's are installed only when none is on PATH
+# (NodeSource's nodejs bundles npm and conflicts with Debian's npm package).
+command -v node >/dev/null 2>&1 || PACKAGES+=(nodejs)
+command -v npm >/dev/null 2>&1 || PACKAGES+=(npm)
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do

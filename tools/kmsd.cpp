@@ -274,12 +274,9 @@ int run(int argc, char** argv) {
     log->warn("audit_log {}: this build's KMS core keeps its audit trail in its state dir; setting ignored",
               s.audit_log);
   }
-  log->info("opening the KMS state in {} (PKCS#11 module {}, token '{}')", ko.home, ko.pkcs11_module,
-            ko.token_label);
-  auto core = make_kms_core(ko);
-  if (!core) return fail(kKmsUnavailable, "cannot start the KMS: " + core.error().to_string());
-
-  // Socket activation (kmsd.socket) or our own socket.
+  // Socket activation (kmsd.socket) or our own socket, bound before the HSM
+  // opens (a second kmsd on a live socket stops here); clients that connect
+  // meanwhile wait in the backlog, as with socket activation.
   UniqueFd listen_fd;
   bool own_socket = false;
   const int n = sd_listen_fds(1);
@@ -296,6 +293,14 @@ int run(int argc, char** argv) {
     if (!bound) return fail(kFailed, bound.error());
     listen_fd = std::move(*bound);
     own_socket = true;
+  }
+
+  log->info("opening the KMS state in {} (PKCS#11 module {}, token '{}')", ko.home, ko.pkcs11_module,
+            ko.token_label);
+  auto core = make_kms_core(ko);
+  if (!core) {
+    if (own_socket) (void)::unlink(s.socket.c_str());
+    return fail(kKmsUnavailable, "cannot start the KMS: " + core.error().to_string());
   }
 
   KmsCore& kms = **core;
