@@ -367,8 +367,10 @@ void Filesystem::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int 
     if (fh >= 0) {
       rc = ::futimens(fh, tv);
     } else if (inode.type == S_IFLNK) {
-      errno = EPERM;  // no race-free way to set a symlink's own times by fd
-      rc = -1;
+      // A symlink's own times, through its O_PATH fd (AT_EMPTY_PATH);
+      // kernels without that support answer EINVAL: report EPERM then.
+      rc = ::utimensat(ifd, "", tv, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW);
+      if (rc != 0 && errno == EINVAL) errno = EPERM;
     } else {
       rc = ::utimensat(AT_FDCWD, proc_path(ifd).c_str(), tv, 0);
     }

@@ -397,6 +397,11 @@ TEST_F(FilesystemTest, MetadataChanges) {
   ASSERT_EQ(::stat(p("m").c_str(), &st), 0);
   EXPECT_EQ(st.st_mtim.tv_sec, 1100000000);
   EXPECT_EQ(st.st_atim.tv_sec, 1000000000);
+  // A symlink's own times (touch -h, tar restoring a tree).
+  ASSERT_EQ(::symlink("m", p("mlink").c_str()), 0);
+  ASSERT_EQ(::utimensat(AT_FDCWD, p("mlink").c_str(), times, AT_SYMLINK_NOFOLLOW), 0) << std::strerror(errno);
+  ASSERT_EQ(::lstat(p("mlink").c_str(), &st), 0);
+  EXPECT_EQ(st.st_mtim.tv_sec, 1100000000);
   struct statvfs sv {};
   ASSERT_EQ(::statvfs(vol_->mnt().c_str(), &sv), 0);
   EXPECT_GT(sv.f_blocks, 0U);
