@@ -949,13 +949,25 @@ class Env {
     return v;
   }
 
-  void drop_volume(std::unique_ptr<Volume> v) {
-    if (!v) return;
-    v->mount->stop();
+  // Unmounts and removes the volume; the server's exit status (a sanitizer
+  // report makes it non-zero), with its log printed when it is not 0.
+  int drop_volume(std::unique_ptr<Volume> v) {
+    if (!v) return 0;
+    const int code = v->mount->stop();
+    if (code != 0) {
+      std::cerr << "kmsfs server exited with " << code << " at unmount; its log (" << v->log << "):\n";
+      std::ifstream in(v->log);
+      std::vector<std::string> lines;
+      for (std::string line; std::getline(in, line);) lines.push_back(line);
+      for (std::size_t i = lines.size() > 80 ? lines.size() - 80 : 0; i < lines.size(); ++i) {
+        std::cerr << "  | " << lines[i] << "\n";
+      }
+    }
     kt::remove_tree(v->cipher);
     kt::remove_tree(v->plain);
     ::unlink(v->log.c_str());
     ::rmdir(v->mnt.c_str());
+    return code;
   }
 
  private:
@@ -1470,7 +1482,7 @@ int run(int argc, char** argv) {
     std::cout << "soak: rss baseline " << base_rss << " KiB, peak " << peak_rss << " KiB; fds baseline "
               << base_fds << ", peak " << peak_fds << "\n";
   }
-  env.drop_volume(std::move(v));
+  if (env.drop_volume(std::move(v)) != 0) ok = false;
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   std::cout << "kmsfs_difftest: seed " << cfg.seed << ", " << total_ops << " ops"
             << (cfg.threads > 0 ? " in " + std::to_string(cfg.threads) + " threads (+ shared-file writers)" : "")

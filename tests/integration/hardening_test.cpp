@@ -1,0 +1,277 @@
+// Process hardening: the serving kmsfs process writes no core dump
+// (PR_SET_DUMPABLE 0), a forced dump of it (gcore, as root can) holds no data
+// key, and trace-level logs of kmsfs and kmsctl hold neither a data key nor
+// the HSM PIN. The known data key is the real one of a file on the volume,
+// unwrapped through `kmsctl decrypt` exactly as docs/format.md §6 describes.
+
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <nlohmann/json.hpp>
+
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "crypto/encoding.h"
+#include "crypto/file_header.h"
+#include "tests/integration/kmsfs_process.h"
+#include "tests/integration/mount_fixture.h"
+
+namespace kmsfs::test {
+namespace {
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+// Every form in which a key could end up in text or memory.
+std::vector<std::string> forms(const std::vector<std::uint8_t>& key) {
+  std::string raw(key.begin(), key.end());
+  std::string hex = crypto::to_hex(key);
+  std::string upper = hex;
+  for (auto& c : upper) c = static_cast<char>(std::toupper(static_cast<unsigned char>(c)));
+  return {raw, hex, upper, crypto::to_base64(key)};
+}
+
+class Hardening : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    kms_ = std::make_unique<TempKms>();
+    cipher_ = kms_->root() + "/v.cipher";
+    mnt_ = kms_->root() + "/v.mnt";
+    log_ = kms_->root() + "/kmsfs.log";
+    ASSERT_EQ(::mkdir(mnt_.c_str(), 0755), 0);
+    auto r = run_command({bin("kmsfs"), "init", cipher_});
+    ASSERT_EQ(r.exit_code, 0) << r.err;
+    pin_ = slurp(kms_->home() + "/pin");
+    while (!pin_.empty() && (pin_.back() == '\n' || pin_.back() == '\r')) pin_.pop_back();
+    ASSERT_FALSE(pin_.empty());
+  }
+
+  // The DEK of `backing` (a file in the cipher dir), unwrapped by the KMS.
+  std::vector<std::uint8_t> dek_of(const std::string& backing) {
+    auto bytes = read_file(backing);
+    auto h = crypto::FileHeader::decode(std::span(bytes.data(), std::min<size_t>(bytes.size(), 128)));
+    if (!h) throw std::runtime_error("no header in " + backing);
+    const std::string blob = kms_->root() + "/blob";
+    write_file(blob, h->wrapped_key);
+    auto cfg = nlohmann::json::parse(slurp(cipher_ + "/kmsfs.json"));
+    auto r = run_command({bin("kmsctl"), "decrypt", "--ciphertext-blob", "fileb://" + blob,
+                          "--encryption-context",
+                          "kmsfs:fs=" + cfg.at("filesystem_id").get<std::string>(),
+                          "kmsfs:file=" + crypto::file_id_hex(h->file_id)});
+    if (r.exit_code != 0) throw std::runtime_error("kmsctl decrypt: " + r.err);
+    auto j = nlohmann::json::parse(r.out);
+    auto dek = crypto::from_base64(j.at("Plaintext").get<std::string>());
+    if (!dek || dek->size() != 32) throw std::runtime_error("no 32-byte Plaintext from kmsctl decrypt");
+    return *dek;
+  }
+
+  std::string only_backing_file() {
+    for (const auto& f : list_files(cipher_)) {
+      if (f.find("kmsfs.json") == std::string::npos && f.find("kmsfs.diriv") == std::string::npos) return f;
+    }
+    throw std::runtime_error("no backing file");
+  }
+
+  std::unique_ptr<TempKms> kms_;
+  std::string cipher_, mnt_, log_, pin_;
+};
+
+TEST_F(Hardening, TraceLogsHoldNoDataKeyAndNoPin) {
+  ::setenv("KMSFS_LOG_LEVEL", "trace", 1);
+  ForegroundMount m(cipher_, mnt_, {"-o", "key_cache=off"}, log_);
+  ASSERT_NO_THROW(m.start());
+  write_file(mnt_ + "/secret", random_bytes(10000, 5));
+  EXPECT_EQ(read_file(mnt_ + "/secret"), random_bytes(10000, 5));
+  // Unwrapping through kmsctl with trace logging: its log (stderr) must not
+  // show the key either; only its JSON answer on stdout carries it.
+  auto dek = dek_of(only_backing_file());
+  auto r = run_command({bin("kmsctl"), "list-keys"});
+  EXPECT_EQ(r.exit_code, 0);
+  EXPECT_EQ(m.stop(), 0);
+  ::unsetenv("KMSFS_LOG_LEVEL");
+
+  const std::string log = slurp(log_);
+  EXPECT_FALSE(log.empty()) << "trace logging wrote nothing: the test would prove nothing";
+  for (const auto& f : forms(dek)) EXPECT_EQ(log.find(f), std::string::npos) << "the kmsfs log holds the DEK";
+  EXPECT_EQ(log.find(pin_), std::string::npos) << "the kmsfs log holds the PIN";
+  EXPECT_EQ(r.err.find(pin_), std::string::npos) << "the kmsctl log holds the PIN";
+}
+
+TEST_F(Hardening, ServerWritesNoCoreDump) {
+  // Core dumps on, into a private working directory (core_pattern is
+  // usually relative: "core"). A control process proves that dumps work
+  // here; then SIGABRT of the serving kmsfs must leave no core.
+  const std::string dumps = kms_->root() + "/dumps";
+  ASSERT_EQ(::mkdir(dumps.c_str(), 0700), 0);
+  const std::string pattern = slurp("/proc/sys/kernel/core_pattern");
+  if (pattern.empty() || pattern[0] == '|' || pattern[0] == '/') {
+    GTEST_SKIP() << "core_pattern is '" << pattern << "' (a pipe or an absolute path): cannot observe dumps here";
+  }
+  struct rlimit old {};
+  ::getrlimit(RLIMIT_CORE, &old);
+  struct rlimit unlimited {RLIM_INFINITY, RLIM_INFINITY};
+  if (::setrlimit(RLIMIT_CORE, &unlimited) != 0) GTEST_SKIP() << "cannot raise RLIMIT_CORE";
+  char cwd[4096];
+  ASSERT_NE(::getcwd(cwd, sizeof cwd), nullptr);
+  ASSERT_EQ(::chdir(dumps.c_str()), 0);
+  auto count_files = [&] { return list_files(dumps).size(); };
+
+  // Control: a dumpable process aborts and dumps.
+  pid_t control = ::fork();
+  if (control == 0) {
+    ::pause();
+    std::_Exit(0);
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  ::kill(control, SIGABRT);
+  int status = 0;
+  ::waitpid(control, &status, 0);
+  const bool dumps_work = WIFSIGNALED(status) && WCOREDUMP(status) && count_files() > 0;
+  for (const auto& f : list_files(dumps)) ::unlink(f.c_str());
+
+  ForegroundMount m(cipher_, mnt_, {}, log_);
+  ASSERT_NO_THROW(m.start());
+  write_file(mnt_ + "/secret", random_bytes(10000, 6));
+  int fd = ::open((mnt_ + "/secret").c_str(), O_RDONLY);  // the DEK is held now
+  ASSERT_GE(fd, 0);
+  const pid_t pid = m.pid();
+  ::kill(pid, SIGABRT);
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  ::close(fd);
+  m.kill9();  // reaps (already dead) and detaches the mount
+  ::chdir(cwd);
+  ::setrlimit(RLIMIT_CORE, &old);
+  if (!dumps_work) GTEST_SKIP() << "core dumps do not work in this environment (control process wrote none)";
+  EXPECT_EQ(count_files(), 0U) << "kmsfs wrote a core dump: PR_SET_DUMPABLE is not in effect";
+}
+
+// The memory a core dump of `pid` would contain, read through /proc/PID/mem
+// (root may, even for a non-dumpable process, without stopping it: gcore
+// would ptrace-stop the FUSE server and deadlock on its own mount). As the
+// kernel does for a dump, mappings marked "dd" (MADV_DONTDUMP, where
+// SecureBuffer keeps keys) are left out; they are returned in `excluded`.
+std::string dumpable_memory(pid_t pid, std::string& excluded) {
+  std::ifstream smaps("/proc/" + std::to_string(pid) + "/smaps");
+  int mem = ::open(("/proc/" + std::to_string(pid) + "/mem").c_str(), O_RDONLY | O_CLOEXEC);
+  if (mem < 0) return {};
+  std::string image;
+  struct Range {
+    unsigned long lo, hi;
+    bool readable;
+    std::string name;
+  };
+  std::vector<std::pair<Range, bool>> ranges;  // range, dont-dump
+  std::string line;
+  Range cur{0, 0, false, ""};
+  bool have = false;
+  while (std::getline(smaps, line)) {
+    unsigned long lo = 0, hi = 0;
+    char perms[8] = {};
+    if (std::sscanf(line.c_str(), "%lx-%lx %7s", &lo, &hi, perms) == 3 && line.find(':') > line.find(' ')) {
+      cur = Range{lo, hi, perms[0] == 'r', line};
+      have = true;
+    } else if (have && line.rfind("VmFlags:", 0) == 0) {
+      const bool dd = line.find(" dd") != std::string::npos;
+      ranges.push_back({cur, dd});
+      have = false;
+    }
+  }
+  for (const auto& [r, dd] : ranges) {
+    // Skip what no dump contains: unreadable, the vsyscall page, device maps.
+    if (!r.readable || r.name.find("[vvar]") != std::string::npos || r.name.find("[vsyscall]") != std::string::npos) continue;
+    std::string& out = dd ? excluded : image;
+    std::vector<char> buf(r.hi - r.lo);
+    ssize_t n = ::pread(mem, buf.data(), buf.size(), static_cast<off_t>(r.lo));
+    if (n > 0) out.append(buf.data(), static_cast<size_t>(n));
+  }
+  ::close(mem);
+  return image;
+}
+
+// DISABLED: fails today. The raw DEK of an open file is found in dumpable
+// memory outside SecureBuffer (most likely the per-thread EVP_CIPHER_CTX of
+// crypto/aes_gcm.cpp, whose AES key schedule begins with the key itself);
+// reported in issue #7. Run with --gtest_also_run_disabled_tests.
+TEST_F(Hardening, DISABLED_ForcedDumpHoldsNoDataKey) {
+  ForegroundMount m(cipher_, mnt_, {"-o", "key_cache=off"}, log_);
+  ASSERT_NO_THROW(m.start());
+  write_file(mnt_ + "/secret", random_bytes(100000, 7));
+  int fd = ::open((mnt_ + "/secret").c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  std::vector<std::uint8_t> buf(100000);
+  ASSERT_EQ(::pread(fd, buf.data(), buf.size(), 0), 100000);  // decrypts: the key is in use
+  auto dek = dek_of(only_backing_file());
+  std::string excluded;
+  const std::string image = dumpable_memory(m.pid(), excluded);
+  ::close(fd);
+  EXPECT_EQ(m.stop(), 0);
+  ASSERT_GT(image.size(), 100000U) << "could not read the server's memory";
+  const auto f = forms(dek);
+  // Control: the key is really held (in the excluded, page-locked memory).
+  EXPECT_NE(excluded.find(f[0]), std::string::npos)
+      << "the DEK is not in MADV_DONTDUMP memory: the test would prove nothing";
+  EXPECT_EQ(image.find(f[0]), std::string::npos)
+      << "the raw DEK is in dumpable memory (outside SecureBuffer: a cipher context, a stray copy)";
+  for (size_t i = 1; i < f.size(); ++i) {
+    EXPECT_EQ(image.find(f[i]), std::string::npos) << "an encoded DEK is in dumpable memory";
+  }
+  EXPECT_EQ(image.find(pin_), std::string::npos) << "the PIN is in dumpable memory";
+}
+
+TEST_F(Hardening, PinFileWithWideModeIsRefused) {
+  const std::string pin = kms_->root() + "/wide.pin";
+  write_file(pin, std::vector<std::uint8_t>(pin_.begin(), pin_.end()));
+  ASSERT_EQ(::chmod(pin.c_str(), 0644), 0);
+  auto r = run_command({bin("kmsctl"), "--pin-file", pin, "list-keys"});
+  EXPECT_EQ(r.exit_code, 4) << r.out << r.err;
+  EXPECT_NE(r.err.find(pin), std::string::npos) << "the message names the file: " << r.err;
+  EXPECT_EQ(r.err.find(pin_), std::string::npos);
+  ASSERT_EQ(::chmod(pin.c_str(), 0600), 0);
+  r = run_command({bin("kmsctl"), "--pin-file", pin, "list-keys"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+}
+
+// DISABLED: fails today: a KMSFS_HOME of mode 0755 is accepted (issue #7
+// asks for 0700 or refusal with a message); reported in #7 for the owner of
+// keyclient/kms_home.cpp. Run with --gtest_also_run_disabled_tests.
+TEST_F(Hardening, DISABLED_StateDirWithWideModeIsRefused) {
+  ASSERT_EQ(::chmod(kms_->home().c_str(), 0755), 0);
+  auto r = run_command({bin("kmsctl"), "list-keys"});
+  EXPECT_EQ(r.exit_code, 4) << r.out << r.err;
+  EXPECT_NE(r.err.find(kms_->home()), std::string::npos) << "the message names the directory: " << r.err;
+  ASSERT_EQ(::chmod(kms_->home().c_str(), 0700), 0);
+  r = run_command({bin("kmsctl"), "list-keys"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+}
+
+TEST_F(Hardening, MountAlwaysUsesDefaultPermissions) {
+  Mount vol(kms_->root(), "dp");
+  vol.mount();
+  std::ifstream in("/proc/self/mountinfo");
+  std::string line;
+  bool found = false;
+  while (std::getline(in, line)) {
+    if (line.find(" " + vol.mnt() + " ") == std::string::npos) continue;
+    found = true;
+    EXPECT_NE(line.find("default_permissions"), std::string::npos) << line;
+    EXPECT_EQ(line.find("allow_other"), std::string::npos) << "allow_other without being asked: " << line;
+  }
+  EXPECT_TRUE(found);
+}
+
+}  // namespace
+}  // namespace kmsfs::test
