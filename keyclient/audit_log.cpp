@@ -180,7 +180,8 @@ KmsResult<void> AuditLog::append(const json& event, bool durable) {
 
 KmsResult<void> AuditLog::append_locked(const json& event, bool durable) {
   if (auto t = load_tail(); !t) return t;
-  UniqueFd fd(::open(path_.c_str(), O_WRONLY | O_APPEND | O_CREAT | O_CLOEXEC, 0600));
+  // O_RDWR, not O_WRONLY: the partial-line check below preads the last byte.
+  UniqueFd fd(::open(path_.c_str(), O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0600));
   if (!fd.valid()) return internal("cannot open " + path_ + ": " + errno_text(errno));
   struct stat st {};
   if (::fstat(fd.get(), &st) != 0) return internal("cannot stat " + path_ + ": " + errno_text(errno));
