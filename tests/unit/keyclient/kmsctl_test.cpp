@@ -159,6 +159,79 @@ TEST_F(KmsctlTest, ExitCodesAndMessages) {
   EXPECT_NE(spec.err.find("/nowhere"), std::string::npos) << spec.err;
 }
 
+TEST_F(KmsctlTest, EveryOperationIsASubcommandWithAwsShapedOutput) {
+  auto c = kmsctl({"create-key", "--description", "ops", "--alias", "alias/ops"});
+  ASSERT_EQ(c.rc, 0) << c.err;
+  const std::string key = nlohmann::json::parse(c.out)["KeyMetadata"]["KeyId"];
+  auto other = kmsctl({"create-key", "--alias", "alias/other"});
+  ASSERT_EQ(other.rc, 0) << other.err;
+
+  // Commands with an empty AWS response print nothing, as `aws kms` does.
+  auto rot = kmsctl({"enable-key-rotation", "--key-id", "alias/ops", "--rotation-period-in-days", "180"});
+  ASSERT_EQ(rot.rc, 0) << rot.err;
+  EXPECT_EQ(rot.out, "");
+  auto st = kmsctl({"get-key-rotation-status", "--key-id", key});
+  ASSERT_EQ(st.rc, 0) << st.err;
+  EXPECT_EQ(nlohmann::json::parse(st.out)["RotationPeriodInDays"], 180);
+  ASSERT_EQ(kmsctl({"rotate-key-on-demand", "--key-id", key}).rc, 0);
+  auto lr = kmsctl({"list-key-rotations", "--key-id", key});
+  ASSERT_EQ(lr.rc, 0) << lr.err;
+  EXPECT_EQ(nlohmann::json::parse(lr.out)["Rotations"].size(), 1u);
+
+  auto e = kmsctl({"encrypt", "--key-id", "alias/ops", "--plaintext", "aGVsbG8=", "--encryption-context", "a=1,b=2"});
+  ASSERT_EQ(e.rc, 0) << e.err;
+  const std::string blob = nlohmann::json::parse(e.out)["CiphertextBlob"];
+  auto re = kmsctl({"re-encrypt", "--ciphertext-blob", blob, "--source-encryption-context", "a=1", "b=2",
+                    "--destination-key-id", "alias/other"});
+  ASSERT_EQ(re.rc, 0) << re.err;
+  auto rj = nlohmann::json::parse(re.out);
+  EXPECT_FALSE(rj.contains("Plaintext"));
+  auto back = kmsctl({"decrypt", "--ciphertext-blob", rj["CiphertextBlob"], "--key-id", "alias/ops"});
+  EXPECT_EQ(back.rc, 3);
+  EXPECT_NE(back.err.find("IncorrectKeyException"), std::string::npos) << back.err;
+
+  ASSERT_EQ(kmsctl({"tag-resource", "--key-id", key, "--tags", "env=prod", "TagKey=team,TagValue=fs"}).rc, 0);
+  auto tags = kmsctl({"list-resource-tags", "--key-id", key});
+  EXPECT_EQ(nlohmann::json::parse(tags.out)["Tags"].size(), 2u);
+  auto g = kmsctl({"create-grant", "--key-id", key, "--grantee-principal", "uid:1000", "--operations", "Decrypt",
+                   "Encrypt", "--encryption-context-subset", "a=1"});
+  ASSERT_EQ(g.rc, 0) << g.err;
+  auto lg = kmsctl({"list-grants", "--key-id", key});
+  auto gj = nlohmann::json::parse(lg.out)["Grants"];
+  ASSERT_EQ(gj.size(), 1u);
+  EXPECT_EQ(gj[0]["Constraints"]["EncryptionContextSubset"]["a"], "1");
+  EXPECT_EQ(gj[0]["Operations"], nlohmann::json({"Decrypt", "Encrypt"}));
+
+  test::write_text(dir_ + "/bad-policy.json", R"({"Statement":[{"Effect":"Allow","Principal":"*"}]})");
+  auto bad = kmsctl({"put-key-policy", "--key-id", key, "--policy", "file://" + dir_ + "/bad-policy.json"});
+  EXPECT_EQ(bad.rc, 3);
+  EXPECT_NE(bad.err.find("MalformedPolicyDocumentException"), std::string::npos) << bad.err;
+  auto pol = kmsctl({"get-key-policy", "--key-id", key});
+  ASSERT_EQ(pol.rc, 0) << pol.err;
+  EXPECT_NE(nlohmann::json::parse(pol.out)["Policy"].get<std::string>().find("kms:*"), std::string::npos);
+
+  auto s = kmsctl({"schedule-key-deletion", "--key-id", key, "--pending-window-in-days", "7"});
+  ASSERT_EQ(s.rc, 0) << s.err;
+  EXPECT_EQ(nlohmann::json::parse(s.out)["KeyState"], "PendingDeletion");
+  auto dis = kmsctl({"encrypt", "--key-id", key, "--plaintext", "aGk="});
+  EXPECT_EQ(dis.rc, 3);
+  EXPECT_NE(dis.err.find("KMSInvalidStateException"), std::string::npos) << dis.err;
+  ASSERT_EQ(kmsctl({"cancel-key-deletion", "--key-id", key}).rc, 0);
+  auto d = kmsctl({"describe-key", "--key-id", key});
+  EXPECT_EQ(nlohmann::json::parse(d.out)["KeyMetadata"]["KeyState"], "Disabled");
+
+  auto v = kmsctl({"audit", "verify"});
+  EXPECT_EQ(v.rc, 0) << v.out << v.err;
+  EXPECT_TRUE(nlohmann::json::parse(v.out)["Valid"]);
+  auto search = kmsctl({"audit", "search", "--key-id", key, "--event-name", "ReEncrypt"});
+  ASSERT_EQ(search.rc, 0) << search.err;
+  EXPECT_EQ(nlohmann::json::parse(search.out).size(), 1u);
+  auto help = kmsctl({"create-grant", "--help"});
+  EXPECT_EQ(help.rc, 0);
+  EXPECT_NE(help.out.find("AWS operation: CreateGrant"), std::string::npos);
+  EXPECT_NE(help.out.find("--encryption-context-subset"), std::string::npos);
+}
+
 TEST_F(KmsctlTest, ParallelProcessesLoseNoKeyOrAlias) {
   // First use (token initialisation) also races.
   constexpr int kProcs = 4;
