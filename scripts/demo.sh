@@ -67,9 +67,12 @@ run cat "$MNT/hello.txt"
 
 say "5. What landed on disk: the backing file in $CIPHER"
 run ls -l "$CIPHER"
-run hexdump -C "$CIPHER/hello.txt"
+# Names are encrypted too: ask kmsfs which backing file holds hello.txt.
+BACKING="$CIPHER/$("$KMSFS" encrypt-path "$CIPHER" hello.txt)"
+echo "hello.txt is stored as $BACKING"
+run hexdump -C "$BACKING"
 echo "(128-byte header with the wrapped data key, then iv ‖ ciphertext ‖ tag)"
-echo "plaintext size through the mount: $(stat -c %s "$MNT/hello.txt"), backing file: $(stat -c %s "$CIPHER/hello.txt")"
+echo "plaintext size through the mount: $(stat -c %s "$MNT/hello.txt"), backing file: $(stat -c %s "$BACKING")"
 if grep -rqF -- "$SECRET" "$CIPHER"; then
   echo "demo: the plaintext line was found in $CIPHER: NOT ENCRYPTED" >&2
   exit 1
