@@ -95,4 +95,22 @@ else
   skip "tests under ASan+UBSan (build failed)"
 fi
 
+# Fuzzing (issue #7): every libFuzzer target for 20 s from its committed
+# corpus, only when clang is installed (about 6 min to build the targets
+# with clang on 2 cores, 2.5 min to run). The corpus is replayed in the
+# builds above anyway (ctest fuzz_corpus_*).
+if command -v clang++ >/dev/null 2>&1 || command -v clang++-14 >/dev/null 2>&1; then
+  step "fuzz targets, 20 s each (clang)" env KMSFS_FUZZ_BUILD_DIR="${KMSFS_FUZZ_BUILD_DIR:-$ROOT/build-fuzz}" \
+    bash tests/fuzz/run.sh 20
+else
+  skip "fuzz targets (clang not installed)"
+fi
+# ThreadSanitizer run of the concurrent tests: opt-in (KMSFS_CI_TSAN=1),
+# about 10 min on 2 cores (scripts/tsan.sh).
+if [[ ${KMSFS_CI_TSAN:-0} == 1 ]]; then
+  step "ThreadSanitizer: concurrent difftest" bash scripts/tsan.sh
+else
+  skip "ThreadSanitizer (set KMSFS_CI_TSAN=1; scripts/tsan.sh)"
+fi
+
 exit "$FAILED"

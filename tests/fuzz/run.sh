@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every libFuzzer target for N seconds each (default 60), starting from
 # the committed corpus; new corpus entries go to a scratch dir, crashes to
-# tests/fuzz/crashes/. Builds the targets with clang in $KMSFS_FUZZ_BUILD_DIR
+# BUILD_DIR/fuzz-crashes/. Builds the targets with clang in $KMSFS_FUZZ_BUILD_DIR
 # (default build-fuzz/) first.
 #
 #   tests/fuzz/run.sh [SECONDS] [TARGET...]
@@ -27,7 +27,7 @@ cmake --build "$BUILD" -j "$JOBS" --target "${TARGETS[@]/#/fuzz_}" || exit 1
 
 # The volume loader writes kmsfs.json per input: keep that off the disk.
 [[ -d /dev/shm && -w /dev/shm ]] && export TMPDIR=/dev/shm
-CRASHES=$ROOT/tests/fuzz/crashes
+CRASHES=$BUILD/fuzz-crashes
 mkdir -p "$CRASHES"
 failed=0
 for t in "${TARGETS[@]}"; do
