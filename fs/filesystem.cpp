@@ -614,9 +614,10 @@ Result<std::shared_ptr<const FileKey>, int> Filesystem::key_for_write(
     if (::fstat(fd, &st) != 0) return unexpected(errno);
     if (st.st_size == 0 && fresh) {
       auto bytes = fresh->header.encode();
-      // Preallocate the header so that ENOSPC fails here, not mid-header.
-      if (::fallocate(fd, 0, 0, static_cast<off_t>(bytes.size())) != 0 && errno != EOPNOTSUPP &&
-          errno != ENOSYS && errno != EINVAL) {
+      // Preallocate the header so that ENOSPC fails here, not mid-header;
+      // KEEP_SIZE, so that a concurrent load_key never reads 128 zero bytes.
+      if (::fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, static_cast<off_t>(bytes.size())) != 0 &&
+          errno != EOPNOTSUPP && errno != ENOSYS && errno != EINVAL) {
         return unexpected(errno);
       }
       ssize_t n = ::pwrite(fd, bytes.data(), bytes.size(), 0);

@@ -18,6 +18,7 @@
 //   --plaintext-names       volume made with `kmsfs init --plaintext-names`
 //   --replay FILE           run an op file (as written on failure) instead
 //   --shrink-seconds S      time budget of the delta-debugging shrinker (0: off)
+//   --keep-logs             keep the kmsfs servers' logs in /tmp (paths printed)
 //   --strict                also report the known, documented differences
 //                           (see known_difference())
 //
@@ -915,6 +916,7 @@ struct Config {
   std::string replay;
   int shrink_seconds = 300;
   bool verbose = false;
+  bool keep_logs = false;  // --keep-logs: the servers' logs stay (paths printed)
 };
 
 std::atomic<std::uint64_t> g_progress{0};
@@ -965,6 +967,13 @@ class Env {
     }
     kt::remove_tree(v->cipher);
     kt::remove_tree(v->plain);
+    if (cfg_.keep_logs) {
+      const std::string kept = "/tmp/kmsfs-difftest-" + std::to_string(::getpid()) + "-" +
+                               v->log.substr(v->log.rfind('/') + 1);
+      if (std::rename(v->log.c_str(), kept.c_str()) == 0 || kt::run_command({"/bin/cp", v->log, kept}).exit_code == 0) {
+        std::cerr << "kmsfs server log kept: " << kept << "\n";
+      }
+    }
     ::unlink(v->log.c_str());
     ::rmdir(v->mnt.c_str());
     return code;
@@ -1131,9 +1140,10 @@ void report_failure(Env& env, const Config& cfg, std::uint64_t seed, const std::
 
 // ---------------------------------------------------------------------------
 // Shared-file mode: writers put whole, tagged 4 KiB blocks at aligned
-// offsets of one file; a reader checks every block it sees is a hole or one
-// intact block. At the end every written block holds one of the versions
-// written to it and the size is the largest end written.
+// offsets of one file while a reader reads (and must never get an error).
+// At the end every written block holds one intact version written to it
+// (no torn block), unwritten blocks are holes, and the size is the largest
+// end written.
 
 constexpr std::size_t kBlk = 4096;
 constexpr std::size_t kSharedBlocks = 64;
@@ -1208,15 +1218,10 @@ std::string shared_file_test(const std::string& path, int writers, std::size_t w
         error = "shared pread failed: " + errname(errno);
         return;
       }
-      for (ssize_t b = 0; b + static_cast<ssize_t>(kBlk) <= n; b += static_cast<ssize_t>(kBlk)) {
-        auto tag = check_block(buf.data() + b);
-        std::lock_guard l(m);
-        const std::size_t blk = first + static_cast<std::size_t>(b) / kBlk;
-        if (!tag || (*tag != 0 && written[blk].count(*tag) == 0)) {
-          error = "shared file: reader saw a torn or foreign block " + std::to_string(blk);
-          return;
-        }
-      }
+      // Linux does not make a buffered read atomic against a concurrent
+      // write of the same page (a plain ext4 file can show a half-copied
+      // page too), so only a failing read (EIO: a ciphertext block that does
+      // not verify) is an error here; intact blocks are checked at the end.
     }
   });
   for (auto& t : ts) t.join();
@@ -1380,6 +1385,7 @@ int run(int argc, char** argv) {
     else if (a == "--shrink-seconds") cfg.shrink_seconds = std::stoi(val());
     else if (a == "-v") cfg.verbose = true;
     else if (a == "--strict") g_strict = true;
+    else if (a == "--keep-logs") cfg.keep_logs = true;
     else if (a == "-h" || a == "--help") return usage(nullptr), 0;
     else return usage(("unknown option " + a).c_str());
   }
