@@ -3,6 +3,7 @@
 #include <functional>
 #include <map>
 #include <stdexcept>
+#include <type_traits>
 
 #include "keyclient/kms_json.h"
 
@@ -13,8 +14,9 @@ namespace {
 using json = nlohmann::json;
 using Handler = std::function<KmsResult<json>(KmsCore&, const CallerIdentity&, const json&)>;
 
-// Parses Req from the body, calls the core, renders Resp. A body that does
-// not parse is the caller's error, named as AWS would name it.
+// Parses Req from the body, calls the core, renders Resp (an empty object
+// for operations that return nothing). A body that does not parse is the
+// caller's error, named as AWS would name it.
 template <class Req, class Resp>
 Handler typed(KmsResult<Resp> (KmsCore::*op)(const CallerIdentity&, const Req&)) {
   return [op](KmsCore& core, const CallerIdentity& caller, const json& body) -> KmsResult<json> {
@@ -26,22 +28,11 @@ Handler typed(KmsResult<Resp> (KmsCore::*op)(const CallerIdentity&, const Req&))
     }
     auto res = (core.*op)(caller, req);
     if (!res) return unexpected(std::move(res).error());
-    return json(*res);
-  };
-}
-
-template <class Req>
-Handler typed_void(KmsResult<void> (KmsCore::*op)(const CallerIdentity&, const Req&)) {
-  return [op](KmsCore& core, const CallerIdentity& caller, const json& body) -> KmsResult<json> {
-    Req req;
-    try {
-      req = body.get<Req>();
-    } catch (const std::exception& e) {
-      return kms_error(KmsErrorCode::ValidationException, std::string("malformed request: ") + e.what());
+    if constexpr (std::is_void_v<Resp>) {
+      return json::object();
+    } else {
+      return json(*res);
     }
-    auto res = (core.*op)(caller, req);
-    if (!res) return unexpected(std::move(res).error());
-    return json::object();
   };
 }
 
@@ -57,7 +48,7 @@ const std::map<std::string, Handler, std::less<>>& table() {
       {"CreateKey", typed(&KmsCore::create_key)},
       {"DescribeKey", typed(&KmsCore::describe_key)},
       {"ListKeys", typed(&KmsCore::list_keys)},
-      {"CreateAlias", typed_void(&KmsCore::create_alias)},
+      {"CreateAlias", typed(&KmsCore::create_alias)},
       {"ListAliases", typed(&KmsCore::list_aliases)},
       {"GenerateDataKey", typed(&KmsCore::generate_data_key)},
       {"Decrypt", typed(&KmsCore::decrypt)},
