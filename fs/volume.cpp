@@ -426,6 +426,8 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
 
   fuse_session* se = fuse_session_new(&args, &Filesystem::operations(),
                                       sizeof(fuse_lowlevel_ops), &filesystem);
+  // fuse_session_new parses the options into a heap copy of the arguments.
+  fuse_opt_free_args(&args);
   if (se == nullptr) return unexpected(std::string("cannot create the FUSE session"));
   struct SessionGuard {
     fuse_session* se;
