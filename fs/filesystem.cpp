@@ -336,6 +336,11 @@ void Filesystem::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int 
     std::unique_lock<std::shared_mutex> lock;
     int err = 0;
     if (attr->st_size == 0) {
+      // ftruncate(fd, 0) through a handle: writes are likely to follow, so
+      // the next data key is made first (a KMS error truncates nothing).
+      if (fh >= 0) {
+        if (int kerr = prepare_new_key(inode); kerr != 0) return (void)fuse_reply_err(req, kerr);
+      }
       lock = std::unique_lock(inode.content);
       err = truncate_locked(inode, fd, 0, lock);
     } else {
@@ -465,32 +470,55 @@ void Filesystem::rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
   // The backing directory holds its kmsfs.diriv: it is empty for the user
   // when nothing else is there. The IV moves out to the parent so that
   // rmdir(2) sees an empty directory, and moves back if rmdir fails.
-  UniqueFd dfd(::openat(p.fd.get(), bn, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
-  if (!dfd.valid()) return (void)fuse_reply_err(req, errno);
+  ParkedDirIv parked;
+  if (int err = park_dir_iv(p.fd.get(), b.name, parked); err != 0) return (void)fuse_reply_err(req, err);
+  if (::unlinkat(p.fd.get(), bn, AT_REMOVEDIR) != 0) {
+    int err = errno;
+    unpark_dir_iv(p.fd.get(), parked);
+    return (void)fuse_reply_err(req, err);
+  }
+  drop_parked_dir_iv(p.fd.get(), parked);
+  NameMapper::remove_side_file(p.fd.get(), b);
+  fuse_reply_err(req, 0);
+}
+
+int Filesystem::park_dir_iv(int parent_fd, const std::string& backing_name, ParkedDirIv& parked) {
+  parked = ParkedDirIv{};
+  UniqueFd dfd(::openat(parent_fd, backing_name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  if (!dfd.valid()) return errno;
   {
     UniqueFd scan_fd(::dup(dfd.get()));
     UniqueDir scan(scan_fd.valid() ? ::fdopendir(scan_fd.get()) : nullptr);
-    if (!scan) return (void)fuse_reply_err(req, errno);
+    if (!scan) return errno;
     (void)scan_fd.release();
     while (dirent* e = ::readdir(scan.get())) {
       if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0 &&
           std::strcmp(e->d_name, NameMapper::kDirIvName) != 0) {
-        return (void)fuse_reply_err(req, ENOTEMPTY);
+        return ENOTEMPTY;
       }
     }
   }
   std::array<std::uint8_t, 8> rnd{};
   crypto::random_bytes(rnd);
-  const std::string parked = "kmsfs.rmdir." + crypto::to_hex(rnd);
-  const bool had_iv = ::renameat(dfd.get(), NameMapper::kDirIvName, p.fd.get(), parked.c_str()) == 0;
-  if (::unlinkat(p.fd.get(), bn, AT_REMOVEDIR) != 0) {
-    int err = errno;
-    if (had_iv) (void)::renameat(p.fd.get(), parked.c_str(), dfd.get(), NameMapper::kDirIvName);
-    return (void)fuse_reply_err(req, err);
+  parked.name = "kmsfs.rmdir." + crypto::to_hex(rnd);
+  if (::renameat(dfd.get(), NameMapper::kDirIvName, parent_fd, parked.name.c_str()) == 0) {
+    parked.dir = std::move(dfd);
+  } else {
+    parked.name.clear();  // no IV to park (a directory made outside kmsfs)
   }
-  if (had_iv) (void)::unlinkat(p.fd.get(), parked.c_str(), 0);
-  NameMapper::remove_side_file(p.fd.get(), b);
-  fuse_reply_err(req, 0);
+  return 0;
+}
+
+void Filesystem::unpark_dir_iv(int parent_fd, ParkedDirIv& parked) {
+  if (parked.dir.valid()) {
+    (void)::renameat(parent_fd, parked.name.c_str(), parked.dir.get(), NameMapper::kDirIvName);
+  }
+  parked = ParkedDirIv{};
+}
+
+void Filesystem::drop_parked_dir_iv(int parent_fd, ParkedDirIv& parked) {
+  if (parked.dir.valid()) (void)::unlinkat(parent_fd, parked.name.c_str(), 0);
+  parked = ParkedDirIv{};
 }
 
 void Filesystem::symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name) {
@@ -525,7 +553,25 @@ void Filesystem::rename(fuse_req_t req, fuse_ino_t parent, const char* name, fus
   // file must exist before the entry does, and the source's goes once the
   // entry has moved (with RENAME_EXCHANGE both names stay in use).
   if (int err = prepare_long_name(to, dst); err != 0) return (void)fuse_reply_err(req, err);
-  if (::renameat2(from.fd.get(), src.name.c_str(), to.fd.get(), dst.name.c_str(), flags) != 0) {
+  int rc = ::renameat2(from.fd.get(), src.name.c_str(), to.fd.get(), dst.name.c_str(), flags);
+  if (rc != 0 && (errno == ENOTEMPTY || errno == EEXIST) && names_.encrypted() && flags == 0) {
+    // The target is a directory holding only its kmsfs.diriv (empty for the
+    // user): park the IV as rmdir does and replace the directory.
+    ParkedDirIv parked;
+    if (int err = park_dir_iv(to.fd.get(), dst.name, parked); err != 0) {
+      undo_long_name(to, dst);
+      return (void)fuse_reply_err(req, err == ENOTDIR ? ENOTEMPTY : err);
+    }
+    rc = ::renameat2(from.fd.get(), src.name.c_str(), to.fd.get(), dst.name.c_str(), flags);
+    if (rc != 0) {
+      int err = errno;
+      unpark_dir_iv(to.fd.get(), parked);
+      errno = err;
+    } else {
+      drop_parked_dir_iv(to.fd.get(), parked);
+    }
+  }
+  if (rc != 0) {
     int err = errno;
     undo_long_name(to, dst);
     return (void)fuse_reply_err(req, err);
@@ -591,19 +637,18 @@ Result<std::shared_ptr<const FileKey>, int> Filesystem::key_for_write(
       lock.unlock();  // dropped meanwhile by a truncate to zero: start over
       continue;
     }
-    std::optional<FileKeys::NewFile> fresh;
-    if (!*existing) {
-      // Empty backing file: the data key is made before taking the lock (no
-      // lock across a KMS call) and installed only if the file is still
-      // empty then.
-      std::string label;
-      {
-        std::lock_guard sl(inode.state_mutex);
-        label = "'" + inode.label + "' (backing inode " + std::to_string(inode.ino) + ")";
-      }
-      auto nf = keys_.create(label);
-      if (!nf) return unexpected(nf.error());
-      fresh = std::move(*nf);
+    // Empty backing file: the key made at open (or, for a file written
+    // without an open handle, a new one made now, before taking the lock: no
+    // lock across a KMS call) is installed only if the file is still empty.
+    std::shared_ptr<FileKeys::NewFile> fresh;
+    {
+      std::lock_guard sl(inode.state_mutex);
+      fresh = inode.pending;
+    }
+    if (!fresh) {
+      if (int err = prepare_new_key(inode); err != 0) return unexpected(err);
+      std::lock_guard sl(inode.state_mutex);
+      fresh = inode.pending;
     }
     lock = std::unique_lock(inode.content);
     {
@@ -629,6 +674,7 @@ Result<std::shared_ptr<const FileKey>, int> Filesystem::key_for_write(
       auto key = std::make_shared<const FileKey>(std::move(fresh->key));
       std::lock_guard sl(inode.state_mutex);
       inode.key = key;
+      if (inode.pending == fresh) inode.pending.reset();
       return inode.key;
     }
     // Another writer created the header first: use its key.
@@ -641,8 +687,27 @@ Result<std::shared_ptr<const FileKey>, int> Filesystem::key_for_write(
 
 void Filesystem::drop_key_if_closed(Inode& inode) {
   std::shared_ptr<const FileKey> doomed;  // zeroized outside the lock
+  std::shared_ptr<FileKeys::NewFile> doomed_pending;
   std::lock_guard lock(inode.state_mutex);
-  if (inode.open_count == 0) doomed = std::move(inode.key);
+  if (inode.open_count == 0) {
+    doomed = std::move(inode.key);
+    doomed_pending = std::move(inode.pending);
+  }
+}
+
+int Filesystem::prepare_new_key(Inode& inode) {
+  std::string label;
+  {
+    std::lock_guard sl(inode.state_mutex);
+    if (inode.pending) return 0;
+    label = "'" + inode.label + "' (backing inode " + std::to_string(inode.ino) + ")";
+  }
+  auto nf = keys_.create(label);
+  if (!nf) return nf.error();
+  auto fresh = std::make_shared<FileKeys::NewFile>(std::move(*nf));
+  std::lock_guard sl(inode.state_mutex);
+  if (!inode.pending) inode.pending = std::move(fresh);  // else another thread won the race
+  return 0;
 }
 
 int Filesystem::truncate_locked(Inode& inode, int fd, std::uint64_t new_size,
@@ -688,6 +753,22 @@ void Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
     std::lock_guard lock(inode.state_mutex);
     inode.open_count++;
   }
+  if (wants_write) {
+    // An empty file opened for writing gets its data key now (see
+    // Inode::pending); before the truncation, so that a KMS error truncates
+    // nothing.
+    struct stat st {};
+    int err = ::fstat(fd.get(), &st) != 0 ? errno : 0;
+    if (err == 0 && ((fi->flags & O_TRUNC) != 0 || st.st_size == 0)) err = prepare_new_key(inode);
+    if (err != 0) {
+      {
+        std::lock_guard sl(inode.state_mutex);
+        inode.open_count--;
+      }
+      drop_key_if_closed(inode);
+      return (void)fuse_reply_err(req, err);
+    }
+  }
   if ((fi->flags & O_TRUNC) != 0) {
     std::unique_lock lock(inode.content);
     if (int err = truncate_locked(inode, fd.get(), 0, lock); err != 0) {
@@ -727,14 +808,28 @@ void Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name, mod
   NameMapper::Backing b;
   if (int err = backing_name(p, name, b); err != 0) return (void)fuse_reply_err(req, err);
   if (int err = prepare_long_name(p, b); err != 0) return (void)fuse_reply_err(req, err);
-  int flags = backing_flags(fi->flags, false) | O_CREAT | (fi->flags & O_EXCL) | O_NOFOLLOW;
-  UniqueFd fd(::openat(p.fd.get(), b.name.c_str(), flags, mode & 07777));
+  // Made here, or there already (a race with another creator)? Only a file
+  // made here is owned by the caller and removed again if it cannot get a key.
+  const int flags = backing_flags(fi->flags, false) | O_NOFOLLOW;
+  UniqueFd fd;
+  bool created = false;
+  for (int attempt = 0; attempt < 8 && !fd.valid(); ++attempt) {
+    fd.reset(::openat(p.fd.get(), b.name.c_str(), flags | O_CREAT | O_EXCL, mode & 07777));
+    if (fd.valid()) {
+      created = true;
+    } else if (errno == EEXIST && (fi->flags & O_EXCL) == 0) {
+      fd.reset(::openat(p.fd.get(), b.name.c_str(), flags));
+      if (!fd.valid() && errno != ENOENT) break;  // ENOENT: gone again, retry
+    } else {
+      break;
+    }
+  }
   if (!fd.valid()) {
     int err = errno;
     if (err != EEXIST) undo_long_name(p, b);
     return (void)fuse_reply_err(req, err);
   }
-  chown_to_caller(req, p.fd.get(), b.name.c_str());
+  if (created) chown_to_caller(req, p.fd.get(), b.name.c_str());
 
   fuse_entry_param e{};
   if (int err = do_lookup(p, b.name.c_str(), &e); err != 0) return (void)fuse_reply_err(req, err);
@@ -742,6 +837,30 @@ void Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name, mod
   {
     std::lock_guard lock(inode.state_mutex);
     inode.open_count++;
+  }
+  // A new (empty) file gets its data key now (see Inode::pending); a KMS
+  // error fails creat(2) and removes the file it made.
+  const bool wants_write = (fi->flags & O_ACCMODE) != O_RDONLY;
+  int key_err = 0;
+  if (wants_write) {
+    struct stat st {};
+    key_err = ::fstat(fd.get(), &st) != 0 ? errno : 0;
+    if (key_err == 0 && (created || (fi->flags & O_TRUNC) != 0 || st.st_size == 0)) {
+      key_err = prepare_new_key(inode);
+    }
+  }
+  if (key_err != 0) {
+    {
+      std::lock_guard sl(inode.state_mutex);
+      inode.open_count--;
+    }
+    drop_key_if_closed(inode);
+    if (created) {
+      (void)::unlinkat(p.fd.get(), b.name.c_str(), 0);
+      undo_long_name(p, b);
+    }
+    forget(e.ino, 1);
+    return (void)fuse_reply_err(req, key_err);
   }
   if ((fi->flags & O_TRUNC) != 0) {
     std::unique_lock lock(inode.content);

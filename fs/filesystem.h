@@ -54,6 +54,11 @@ struct Inode {
   // Guarded by state_mutex. The data key is present while the file is open
   // (or during one operation on a closed file) and zeroized when dropped.
   std::shared_ptr<const FileKey> key;
+  // A data key made when an empty file was created or opened for writing,
+  // not yet on disk: the first write stores its header. Made at open so that
+  // a KMS that cannot give a key fails open(2) or creat(2), where the caller
+  // sees it, and never a write-back the caller cannot see.
+  std::shared_ptr<FileKeys::NewFile> pending;
   int open_count = 0;
   std::string label;  // last backing name looked up, for log lines
   std::optional<DirIvBytes> dir_iv;  // directories with encrypted names
@@ -131,6 +136,18 @@ class Filesystem {
   void reply_new_entry(fuse_req_t req, Inode& parent, const char* name);
   void chown_to_caller(fuse_req_t req, int dirfd, const char* name);
 
+  // rmdir and rename over a directory: a backing directory that holds
+  // nothing but its kmsfs.diriv is empty for the user. Its IV is parked in
+  // the parent (kmsfs.rmdir.<random>) while the directory goes, and is put
+  // back if that fails. ENOTEMPTY when anything else is inside.
+  struct ParkedDirIv {
+    UniqueFd dir;      // the directory the IV came from (invalid: none parked)
+    std::string name;  // its parked name in the parent
+  };
+  static int park_dir_iv(int parent_fd, const std::string& backing_name, ParkedDirIv& parked);
+  static void unpark_dir_iv(int parent_fd, ParkedDirIv& parked);
+  static void drop_parked_dir_iv(int parent_fd, ParkedDirIv& parked);
+
   // Data keys of regular files.
   Result<std::shared_ptr<const FileKey>, int> load_key(Inode& inode, int fd);
   // For a write or a size change: the key, creating the header first when
@@ -139,6 +156,9 @@ class Filesystem {
   Result<std::shared_ptr<const FileKey>, int> key_for_write(Inode& inode, int fd,
                                                             std::unique_lock<std::shared_mutex>& lock);
   void drop_key_if_closed(Inode& inode);
+  // Makes inode.pending unless the inode has a key or a pending key already
+  // (no lock held across the KMS call). 0 or an errno value.
+  int prepare_new_key(Inode& inode);
   // Closes a file handle's backing fd and drops its open reference.
   void release_handle(Inode& inode, fuse_file_info* fi);
   int truncate_locked(Inode& inode, int fd, std::uint64_t new_size,

@@ -245,10 +245,8 @@ TEST_F(Hardening, PinFileWithWideModeIsRefused) {
   EXPECT_EQ(r.exit_code, 0) << r.err;
 }
 
-// DISABLED: fails today: a KMSFS_HOME of mode 0755 is accepted (issue #7
-// asks for 0700 or refusal with a message); reported in #7 for the owner of
-// keyclient/kms_home.cpp. Run with --gtest_also_run_disabled_tests.
-TEST_F(Hardening, DISABLED_StateDirWithWideModeIsRefused) {
+// A KMS state dir others can list or enter (0755) is refused, naming it.
+TEST_F(Hardening, StateDirWithWideModeIsRefused) {
   ASSERT_EQ(::chmod(kms_->home().c_str(), 0755), 0);
   auto r = run_command({bin("kmsctl"), "list-keys"});
   EXPECT_EQ(r.exit_code, 4) << r.out << r.err;

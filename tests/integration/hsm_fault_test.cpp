@@ -146,6 +146,8 @@ TEST_F(HsmFault, MountSurvivesFaultsAndRecovers) {
     set_fault(std::string("error ") + rv + " -1 C_Encrypt,C_Decrypt,C_GenerateRandom");
     const int err = try_create(std::string("during-") + rv);
     EXPECT_TRUE(err == EIO || err == EACCES) << "a new file while the HSM fails: " << std::strerror(err);
+    struct stat st {};
+    EXPECT_NE(::lstat((mnt + "/during-" + rv).c_str(), &st), 0) << "the failed create left a file";
     // An open file keeps working: its data key is held.
     std::vector<std::uint8_t> back(data.size());
     EXPECT_EQ(::pread(open_fd, back.data(), back.size(), 0), static_cast<ssize_t>(back.size()));

@@ -182,6 +182,47 @@ TEST_F(NamesTest, RenameAcrossDirectoriesAndLongNames) {
   EXPECT_TRUE(entries(p("")).count(long1) == 0);
 }
 
+// rename(2) over an empty directory replaces it, as on any filesystem,
+// although the backing directory holds its kmsfs.diriv; over a non-empty one
+// it fails with ENOTEMPTY and both stay intact.
+TEST_F(NamesTest, RenameOverAnEmptyDirectoryReplacesIt) {
+  ASSERT_EQ(::mkdir(p("a").c_str(), 0755), 0);
+  write_file(p("a/inside"), {'x', 'y'});
+  ASSERT_EQ(::mkdir(p("empty").c_str(), 0755), 0);
+  ASSERT_EQ(::rename(p("a").c_str(), p("empty").c_str()), 0) << std::strerror(errno);
+  EXPECT_EQ(entries(p("")), std::set<std::string>{"empty"});
+  EXPECT_EQ(read_file(p("empty/inside")), (std::vector<std::uint8_t>{'x', 'y'}));
+  // The parked IV is gone again: the backing dir holds only the entry and
+  // the parent's diriv.
+  for (const auto& n : entries(vol_->cipher())) EXPECT_EQ(n.rfind("kmsfs.rmdir.", 0), std::string::npos) << n;
+
+  ASSERT_EQ(::mkdir(p("b").c_str(), 0755), 0);
+  errno = 0;
+  EXPECT_EQ(::rename(p("b").c_str(), p("empty").c_str()), -1);
+  EXPECT_EQ(errno, ENOTEMPTY);
+  EXPECT_EQ(read_file(p("empty/inside")), (std::vector<std::uint8_t>{'x', 'y'}));
+  // The failed rename put the IV back: names in "empty" still resolve, and
+  // new ones can be made.
+  write_file(p("empty/second"), {'2'});
+  EXPECT_EQ(entries(p("empty")), (std::set<std::string>{"inside", "second"}));
+  // Into another directory, over an empty one there, under a long name.
+  const std::string long_name(230, 'D');
+  ASSERT_EQ(::mkdir(p(long_name).c_str(), 0755), 0);
+  ASSERT_EQ(::mkdir(p(long_name + "/target").c_str(), 0755), 0);
+  ASSERT_EQ(::rename(p("b").c_str(), p(long_name + "/target").c_str()), 0) << std::strerror(errno);
+  ASSERT_EQ(::rename(p(long_name).c_str(), p("b").c_str()), 0) << std::strerror(errno);  // b is gone: plain rename
+  EXPECT_EQ(entries(p("b")), std::set<std::string>{"target"});
+  // A file over an empty directory is EISDIR, a directory over a file ENOTDIR.
+  write_file(p("file"), {'f'});
+  errno = 0;
+  EXPECT_EQ(::rename(p("file").c_str(), p("b/target").c_str()), -1);
+  EXPECT_EQ(errno, EISDIR);
+  errno = 0;
+  EXPECT_EQ(::rename(p("b/target").c_str(), p("file").c_str()), -1);
+  EXPECT_EQ(errno, ENOTDIR);
+  expect_side_files_paired(vol_->cipher());
+}
+
 TEST_F(NamesTest, RenameExchangeWithLongNames) {
   std::string a(200, 'A');
   std::string b(210, 'B');

@@ -15,11 +15,9 @@ DIFF=$BUILD/tests/stress/kmsfs_difftest
 REL=$BUILD/tests/stress/reliability_tests
 [[ -x $DIFF && -x $REL ]] || { echo "soak: build first ($DIFF, $REL missing)"; exit 2; }
 SEED=${KMSFS_SOAK_SEED:-$(date +%s)}
-# Until the open #7 bug "truncate(2) of an empty file keeps an explicitly set
-# mtime with the writeback cache" is fixed, the soak runs without the
-# writeback cache so that it reaches its hour; set KMSFS_SOAK_MOUNT_OPTS=""
-# to soak the default mount.
-OPTS=(--mount-opts "${KMSFS_SOAK_MOUNT_OPTS-no_writeback_cache}")
+# KMSFS_SOAK_MOUNT_OPTS: extra kmsfs mount options (-o), e.g.
+# no_writeback_cache; the default mount by default.
+OPTS=(--mount-opts "${KMSFS_SOAK_MOUNT_OPTS-}")
 [[ -z ${OPTS[1]} ]] && OPTS=()
 failed=0
 echo "=== difftest soak ${SECS}s, seed $SEED"
