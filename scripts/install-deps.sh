@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs everything kmsfs needs to build, test and run its demo on Debian 12
-# (bookworm). Idempotent: when every package is already installed it does not
+# (bookworm); `--test` adds what only the test suite needs. Idempotent: when every package is already installed it does not
 # touch apt at all (no `apt-get update`). Non-interactive. Needs root, or a
 # user who may run sudo.
 set -euo pipefail
@@ -20,6 +20,11 @@ PACKAGES=(
   # generated from --help
   systemd curl help2man
 )
+# --test (scripts/test.sh): also clang, whose libFuzzer runs the fuzz targets
+# (tests/fuzz/run.sh).
+if [[ ${1:-} == --test ]]; then
+  PACKAGES+=(clang)
+fi
 # The AWS SDK for JavaScript test (npm install @aws-sdk/client-kms): any
 # node and npm will do. Debian's are installed only when none is on PATH
 # (NodeSource's nodejs bundles npm and conflicts with Debian's npm package).

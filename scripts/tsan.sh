@@ -8,8 +8,8 @@
 #
 #   scripts/tsan.sh [--jobs N]
 #
-# Cost on 2 cores: about 8-10 min to build, 1 min to run. Not in CI by
-# default (scripts/test.sh runs it when KMSFS_CI_TSAN=1).
+# Cost on 2 cores: about 8-10 min to build, 1 min to run. scripts/test.sh
+# (CI) runs it unless KMSFS_CI_TSAN=0.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BUILD=${KMSFS_TSAN_BUILD_DIR:-$ROOT/build-tsan}
