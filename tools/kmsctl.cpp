@@ -17,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "crypto/dontdump_heap.h"
 #include "crypto/encoding.h"
 #include "keyclient/key_service.h"
 #include "keyclient/kms_json.h"
@@ -510,6 +511,9 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) noexcept {
+  // Before anything touches OpenSSL: its copies of keys (cipher contexts'
+  // key schedules) stay out of core dumps (crypto/dontdump_heap.h).
+  (void)kmsfs::crypto::install_openssl_dontdump_heap();
   try {
     return run(argc, argv);
   } catch (const std::exception& e) {

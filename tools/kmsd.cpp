@@ -24,6 +24,7 @@
 #include <optional>
 #include <string>
 
+#include "crypto/dontdump_heap.h"
 #include "keyclient/kms_dispatch.h"
 #include "keyclient/kms_home.h"
 #include "keyclient/kms_options.h"
@@ -340,6 +341,9 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) noexcept {
+  // Before anything touches OpenSSL: its copies of keys (cipher contexts'
+  // key schedules) stay out of core dumps (crypto/dontdump_heap.h).
+  (void)kmsfs::crypto::install_openssl_dontdump_heap();
   try {
     return run(argc, argv);
   } catch (const std::exception& e) {

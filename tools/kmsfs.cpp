@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "crypto/dontdump_heap.h"
 #include "fs/volume.h"
 #include "keyclient/kms_options.h"
 #include "tools/cli_common.h"
@@ -420,6 +421,9 @@ int run(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) noexcept {
+  // Before anything touches OpenSSL: its copies of keys (cipher contexts'
+  // key schedules) stay out of core dumps (crypto/dontdump_heap.h).
+  (void)kmsfs::crypto::install_openssl_dontdump_heap();
   try {
     return run(argc, argv);
   } catch (const std::exception& e) {
