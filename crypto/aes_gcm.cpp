@@ -4,6 +4,7 @@
 #include <openssl/evp.h>
 
 #include <climits>
+#include <cstring>
 
 #include "crypto/openssl_handles.h"
 
@@ -20,9 +21,47 @@ const EVP_CIPHER* cipher_for(std::size_t key_size) noexcept {
   return nullptr;
 }
 
-EVP_CIPHER_CTX* thread_ctx() noexcept {
-  thread_local EvpCipherCtxPtr ctx(EVP_CIPHER_CTX_new());
-  return ctx.get();
+// One context per thread, remembering which key its key schedule holds, so
+// that consecutive blocks under the same DEK (the common case: a request's
+// blocks, a file's requests) only set a new IV instead of expanding the key
+// and rebuilding the GHASH table per block. The key copy lives exactly as
+// long as the context's own key schedule (which begins with the raw key
+// bytes anyway): until the thread uses another key or exits, when both are
+// cleansed (EVP_CIPHER_CTX_free cleanses the schedule).
+struct ThreadCipher {
+  EvpCipherCtxPtr ctx{EVP_CIPHER_CTX_new()};
+  std::uint8_t key[32] = {};
+  std::size_t key_size = 0;  // 0 = no key loaded
+  ~ThreadCipher() { OPENSSL_cleanse(key, sizeof key); }
+
+  bool holds(std::span<const std::uint8_t> k) const noexcept {
+    return key_size != 0 && key_size == k.size() && CRYPTO_memcmp(key, k.data(), k.size()) == 0;
+  }
+  // Loads `k` (full init) or, when it is loaded already, only the IV.
+  bool init(bool encrypt, std::span<const std::uint8_t> k, const std::uint8_t* iv) noexcept {
+    if (holds(k)) {
+      return EVP_CipherInit_ex2(ctx.get(), nullptr, nullptr, iv, encrypt ? 1 : 0, nullptr) == 1;
+    }
+    const EVP_CIPHER* cipher = cipher_for(k.size());
+    forget();
+    if (cipher == nullptr ||
+        EVP_CipherInit_ex2(ctx.get(), cipher, k.data(), iv, encrypt ? 1 : 0, nullptr) != 1) {
+      return false;
+    }
+    std::memcpy(key, k.data(), k.size());
+    key_size = k.size();
+    return true;
+  }
+  void forget() noexcept {
+    if (key_size == 0) return;
+    OPENSSL_cleanse(key, sizeof key);
+    key_size = 0;
+  }
+};
+
+ThreadCipher* thread_cipher() noexcept {
+  thread_local ThreadCipher tc;
+  return tc.ctx ? &tc : nullptr;
 }
 
 bool fits_int(std::size_t n) { return n <= static_cast<std::size_t>(INT_MAX); }
@@ -32,46 +71,52 @@ bool fits_int(std::size_t n) { return n <= static_cast<std::size_t>(INT_MAX); }
 bool AesGcm::encrypt(std::span<const std::uint8_t> key, std::span<const std::uint8_t> iv,
                      std::span<const std::uint8_t> aad, std::span<const std::uint8_t> pt,
                      std::uint8_t* ct_out, std::uint8_t* tag_out) noexcept {
-  const EVP_CIPHER* cipher = cipher_for(key.size());
-  EVP_CIPHER_CTX* ctx = thread_ctx();
-  if (cipher == nullptr || ctx == nullptr || iv.size() != kIvSize || !fits_int(pt.size()) ||
+  ThreadCipher* tc = thread_cipher();
+  if (tc == nullptr || cipher_for(key.size()) == nullptr || iv.size() != kIvSize || !fits_int(pt.size()) ||
       !fits_int(aad.size())) {
     return false;
   }
+  EVP_CIPHER_CTX* ctx = tc->ctx.get();
   int len = 0;
-  if (EVP_EncryptInit_ex2(ctx, cipher, key.data(), iv.data(), nullptr) != 1) return false;
-  if (!aad.empty() &&
-      EVP_EncryptUpdate(ctx, nullptr, &len, aad.data(), static_cast<int>(aad.size())) != 1) {
-    return false;
-  }
-  if (!pt.empty() &&
-      EVP_EncryptUpdate(ctx, ct_out, &len, pt.data(), static_cast<int>(pt.size())) != 1) {
-    return false;
-  }
-  if (EVP_EncryptFinal_ex(ctx, ct_out + pt.size(), &len) != 1) return false;
-  return EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, static_cast<int>(kTagSize), tag_out) == 1;
+  bool ok = tc->init(true, key, iv.data());
+  ok = ok && (aad.empty() || EVP_EncryptUpdate(ctx, nullptr, &len, aad.data(), static_cast<int>(aad.size())) == 1);
+  ok = ok && (pt.empty() || EVP_EncryptUpdate(ctx, ct_out, &len, pt.data(), static_cast<int>(pt.size())) == 1);
+  ok = ok && EVP_EncryptFinal_ex(ctx, ct_out + pt.size(), &len) == 1;
+  ok = ok && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, static_cast<int>(kTagSize), tag_out) == 1;
+  if (!ok) tc->forget();  // the next call starts from a full init
+  return ok;
 }
 
 bool AesGcm::decrypt(std::span<const std::uint8_t> key, std::span<const std::uint8_t> iv,
                      std::span<const std::uint8_t> aad, std::span<const std::uint8_t> ct,
                      std::span<const std::uint8_t> tag, std::uint8_t* pt_out) noexcept {
-  const EVP_CIPHER* cipher = cipher_for(key.size());
-  EVP_CIPHER_CTX* ctx = thread_ctx();
-  if (cipher == nullptr || ctx == nullptr || iv.size() != kIvSize || tag.size() != kTagSize ||
+  ThreadCipher* tc = thread_cipher();
+  if (tc == nullptr || cipher_for(key.size()) == nullptr || iv.size() != kIvSize || tag.size() != kTagSize ||
       !fits_int(ct.size()) || !fits_int(aad.size())) {
     return false;
   }
+  EVP_CIPHER_CTX* ctx = tc->ctx.get();
   int len = 0;
-  bool ok = EVP_DecryptInit_ex2(ctx, cipher, key.data(), iv.data(), nullptr) == 1;
+  bool ok = tc->init(false, key, iv.data());
   ok = ok && (aad.empty() || EVP_DecryptUpdate(ctx, nullptr, &len, aad.data(),
                                                static_cast<int>(aad.size())) == 1);
   ok = ok && (ct.empty() ||
               EVP_DecryptUpdate(ctx, pt_out, &len, ct.data(), static_cast<int>(ct.size())) == 1);
   ok = ok && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, static_cast<int>(kTagSize),
                                  const_cast<std::uint8_t*>(tag.data())) == 1;
-  ok = ok && EVP_DecryptFinal_ex(ctx, pt_out + ct.size(), &len) == 1;
-  if (!ok && !ct.empty()) OPENSSL_cleanse(pt_out, ct.size());
-  return ok;
+  const bool authentic = ok && EVP_DecryptFinal_ex(ctx, pt_out + ct.size(), &len) == 1;
+  // A wrong tag leaves the context usable (the next IV resets it); any
+  // other failure makes the next call start from a full init.
+  if (!ok) tc->forget();
+  if (!authentic && !ct.empty()) OPENSSL_cleanse(pt_out, ct.size());
+  return authentic;
+}
+
+void AesGcm::forget_thread_key() noexcept {
+  ThreadCipher* tc = thread_cipher();
+  if (tc == nullptr) return;
+  tc->forget();
+  (void)EVP_CIPHER_CTX_reset(tc->ctx.get());
 }
 
 }  // namespace kmsfs::crypto

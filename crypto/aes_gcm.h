@@ -1,7 +1,11 @@
 #pragma once
 // AES-GCM through OpenSSL EVP. Each thread owns one EVP_CIPHER_CTX; the
 // EVP_CIPHER objects are fetched once per process. Nothing here allocates
-// per call, so the block paths can call it for every 4 KiB block.
+// per call, so the block paths can call it for every 4 KiB block. The
+// thread's context keeps the key schedule of the last key it used: a call
+// with the same key (compared in constant time) only sets the new IV, which
+// saves the AES key expansion and GHASH table setup per block. The output
+// is identical either way.
 
 #include <cstddef>
 #include <cstdint>
@@ -26,6 +30,10 @@ class AesGcm {
   static bool decrypt(std::span<const std::uint8_t> key, std::span<const std::uint8_t> iv,
                       std::span<const std::uint8_t> aad, std::span<const std::uint8_t> ct,
                       std::span<const std::uint8_t> tag, std::uint8_t* pt_out) noexcept;
+
+  // Cleanses the calling thread's cached key and key schedule now (they
+  // are otherwise kept until the thread uses another key or exits).
+  static void forget_thread_key() noexcept;
 };
 
 }  // namespace kmsfs::crypto

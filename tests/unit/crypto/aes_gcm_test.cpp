@@ -1,6 +1,7 @@
 #include "crypto/aes_gcm.h"
 
 #include <gtest/gtest.h>
+#include <openssl/evp.h>
 
 #include <cstdint>
 #include <string>
@@ -235,6 +236,78 @@ TEST(AesGcm, SwitchesBetweenKeySizesOnOneThread) {
       EXPECT_EQ(to_hex(tag), v.tag) << v.name;
     }
   }
+}
+
+// Reference: a fresh EVP context per call (what AesGcm did before it kept
+// the key schedule per thread).
+void reference_encrypt(const Bytes& key, const Bytes& iv, const Bytes& aad, const Bytes& pt, Bytes& ct, Bytes& tag) {
+  EVP_CIPHER_CTX* ctx = EVP_CIPHER_CTX_new();
+  ASSERT_NE(ctx, nullptr);
+  const EVP_CIPHER* c = key.size() == 16 ? EVP_aes_128_gcm() : EVP_aes_256_gcm();
+  int len = 0;
+  ct.assign(pt.size(), 0);
+  tag.assign(16, 0);
+  ASSERT_EQ(EVP_EncryptInit_ex(ctx, c, nullptr, key.data(), iv.data()), 1);
+  if (!aad.empty()) {
+    ASSERT_EQ(EVP_EncryptUpdate(ctx, nullptr, &len, aad.data(), static_cast<int>(aad.size())), 1);
+  }
+  if (!pt.empty()) {
+    ASSERT_EQ(EVP_EncryptUpdate(ctx, ct.data(), &len, pt.data(), static_cast<int>(pt.size())), 1);
+  }
+  ASSERT_EQ(EVP_EncryptFinal_ex(ctx, ct.data() + pt.size(), &len), 1);
+  ASSERT_EQ(EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_GET_TAG, 16, tag.data()), 1);
+  EVP_CIPHER_CTX_free(ctx);
+}
+
+TEST(AesGcm, ReusedKeyScheduleGivesTheSameBytesAsAFreshContext) {
+  // Interleaves keys, IVs, directions and failures on one thread, the way
+  // the block paths do, and compares every result with a fresh context.
+  Bytes k1(32, 0x11), k2(32, 0x22), k3(16, 0x33);
+  const Bytes* keys[] = {&k1, &k1, &k2, &k1, &k3, &k3, &k2, &k2};
+  for (int round = 0; round < 40; ++round) {
+    const Bytes& key = *keys[round % 8];
+    Bytes iv(12), aad(24), pt(round % 3 == 0 ? 4096 : 100 + round);
+    for (std::size_t i = 0; i < iv.size(); ++i) iv[i] = static_cast<std::uint8_t>(round * 7 + i);
+    for (std::size_t i = 0; i < aad.size(); ++i) aad[i] = static_cast<std::uint8_t>(round + i);
+    for (std::size_t i = 0; i < pt.size(); ++i) pt[i] = static_cast<std::uint8_t>(i * 31 + round);
+    Bytes want_ct, want_tag;
+    reference_encrypt(key, iv, aad, pt, want_ct, want_tag);
+    Bytes ct(pt.size()), tag(16);
+    ASSERT_TRUE(AesGcm::encrypt(key, iv, aad, pt, ct.data(), tag.data()));
+    EXPECT_EQ(ct, want_ct) << "round " << round;
+    EXPECT_EQ(tag, want_tag) << "round " << round;
+    Bytes back(pt.size());
+    ASSERT_TRUE(AesGcm::decrypt(key, iv, aad, ct, tag, back.data()));
+    EXPECT_EQ(back, pt);
+    if (round % 5 == 0) {
+      Bytes bad = tag;
+      bad[0] ^= 1;
+      EXPECT_FALSE(AesGcm::decrypt(key, iv, aad, ct, bad, back.data()));
+    }
+  }
+}
+
+TEST(AesGcm, KeyChangedInPlaceIsNotServedFromTheThreadCache) {
+  // Same buffer (same address), new content: the cache compares bytes, not
+  // pointers, so a DEK buffer reused for another file's key is never
+  // encrypted under the old schedule.
+  Bytes key(32, 0x44), iv(12, 0x05), pt(64, 0x77), ct(64), tag(16), want_ct, want_tag;
+  ASSERT_TRUE(AesGcm::encrypt(key, iv, {}, pt, ct.data(), tag.data()));
+  key[31] ^= 0x80;
+  ASSERT_TRUE(AesGcm::encrypt(key, iv, {}, pt, ct.data(), tag.data()));
+  reference_encrypt(key, iv, {}, pt, want_ct, want_tag);
+  EXPECT_EQ(ct, want_ct);
+  EXPECT_EQ(tag, want_tag);
+}
+
+TEST(AesGcm, ForgetThreadKeyKeepsWorking) {
+  Bytes key(32, 0x66), iv(12, 0x07), pt(32, 0x01), ct(32), tag(16), want_ct, want_tag;
+  ASSERT_TRUE(AesGcm::encrypt(key, iv, {}, pt, ct.data(), tag.data()));
+  AesGcm::forget_thread_key();
+  ASSERT_TRUE(AesGcm::encrypt(key, iv, {}, pt, ct.data(), tag.data()));
+  reference_encrypt(key, iv, {}, pt, want_ct, want_tag);
+  EXPECT_EQ(ct, want_ct);
+  EXPECT_EQ(tag, want_tag);
 }
 
 }  // namespace
