@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <ctime>
 #include <memory>
 #include <nlohmann/json.hpp>
 
@@ -30,6 +31,13 @@ using DirPtr = std::unique_ptr<DIR, DirCloser>;
 Unexpected<KmsError> internal(std::string msg) {
   named_logger("kmsfs.kms")->error("{}", msg);
   return kms_error(KmsErrorCode::KMSInternalException, std::move(msg));
+}
+
+// The clock file timestamps come from (CLOCK_REALTIME).
+std::int64_t realtime_ns() {
+  struct timespec ts {};
+  ::clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<std::int64_t>(ts.tv_sec) * 1000000000 + ts.tv_nsec;
 }
 
 }  // namespace
@@ -172,24 +180,49 @@ KmsResult<FileLock> KeyStore::lock() const {
   return std::move(*l);
 }
 
+KeyStore::FileStamp KeyStore::stamp_of(const struct stat& st, std::int64_t read_started_ns) {
+  FileStamp f;
+  f.dev = st.st_dev;
+  f.ino = st.st_ino;
+  f.size = st.st_size;
+  f.mtime_ns = static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
+  f.ctime_ns = static_cast<std::int64_t>(st.st_ctim.tv_sec) * 1000000000 + st.st_ctim.tv_nsec;
+  f.trusted = f.mtime_ns + kRacyWindowNs < read_started_ns && f.ctime_ns + kRacyWindowNs < read_started_ns;
+  return f;
+}
+
+std::uint64_t KeyStore::parses() const {
+  std::lock_guard<std::mutex> lock(cache_mu_);
+  return parses_;
+}
+
 KmsResult<std::optional<KeyRecord>> KeyStore::load_key(const std::string& key_id) {
   const std::string path = key_path(key_id);
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT || errno == ENOTDIR) {
+      std::lock_guard<std::mutex> lock(cache_mu_);
+      cache_.erase(key_id);
+      return std::optional<KeyRecord>();
+    }
+    return internal("cannot stat key record " + path + ": " + errno_text(errno));
+  }
+  {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    auto it = cache_.find(key_id);
+    if (it != cache_.end() && it->second.stamp.trusted && it->second.stamp.same_file(stamp_of(st, 0))) {
+      return std::optional<KeyRecord>(it->second.record);
+    }
+  }
+  const std::int64_t started = realtime_ns();
   UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (!fd.valid()) {
     if (errno == ENOENT || errno == ENOTDIR) return std::optional<KeyRecord>();
     return internal("cannot open key record " + path + ": " + errno_text(errno));
   }
-  struct stat st {};
+  // The stamp of the file actually read (it may have been replaced since
+  // the stat above).
   if (::fstat(fd.get(), &st) != 0) return internal("cannot stat " + path + ": " + errno_text(errno));
-  const std::int64_t mtime_ns = static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1000000000 + st.st_mtim.tv_nsec;
-  {
-    std::lock_guard<std::mutex> lock(cache_mu_);
-    auto it = cache_.find(key_id);
-    if (it != cache_.end() && it->second.dev == st.st_dev && it->second.ino == st.st_ino &&
-        it->second.size == st.st_size && it->second.mtime_ns == mtime_ns) {
-      return std::optional<KeyRecord>(it->second.record);
-    }
-  }
   std::string text;
   char buf[8192];
   for (;;) {
@@ -208,7 +241,8 @@ KmsResult<std::optional<KeyRecord>> KeyStore::load_key(const std::string& key_id
   }
   {
     std::lock_guard<std::mutex> lock(cache_mu_);
-    cache_[key_id] = Cached{st.st_dev, st.st_ino, st.st_size, mtime_ns, *rec};
+    ++parses_;
+    cache_[key_id] = Cached{stamp_of(st, started), *rec};
   }
   return std::optional<KeyRecord>(std::move(*rec));
 }
@@ -233,14 +267,45 @@ KmsResult<std::vector<std::string>> KeyStore::list_key_ids() const {
 }
 
 KmsResult<std::vector<AliasRecord>> KeyStore::load_aliases() const {
-  auto text = read_file_if_exists(aliases_path());
-  if (!text) return internal(text.error());
+  const std::string path = aliases_path();
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) {
+      std::lock_guard<std::mutex> lock(cache_mu_);
+      aliases_cache_.reset();
+      return std::vector<AliasRecord>();
+    }
+    return internal("cannot stat alias file " + path + ": " + errno_text(errno));
+  }
+  {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    if (aliases_cache_ && aliases_cache_->stamp.trusted && aliases_cache_->stamp.same_file(stamp_of(st, 0))) {
+      return aliases_cache_->aliases;
+    }
+  }
+  const std::int64_t started = realtime_ns();
+  UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (!fd.valid()) {
+    if (errno == ENOENT) return std::vector<AliasRecord>();
+    return internal("cannot open alias file " + path + ": " + errno_text(errno));
+  }
+  if (::fstat(fd.get(), &st) != 0) return internal("cannot stat " + path + ": " + errno_text(errno));
+  std::string text;
+  char buf[8192];
+  for (;;) {
+    ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return internal("cannot read alias file " + path + ": " + errno_text(errno));
+    }
+    if (n == 0) break;
+    text.append(buf, static_cast<std::size_t>(n));
+  }
   std::vector<AliasRecord> out;
-  if (!*text) return out;
   try {
-    json j = json::parse(**text);
+    json j = json::parse(text);
     if (j.value("FormatVersion", 0) != kFormatVersion) {
-      return internal("alias file " + aliases_path() + " is malformed: unsupported FormatVersion");
+      return internal("alias file " + path + " is malformed: unsupported FormatVersion");
     }
     for (const auto& a : j.at("Aliases")) {
       AliasRecord r;
@@ -250,10 +315,15 @@ KmsResult<std::vector<AliasRecord>> KeyStore::load_aliases() const {
       out.push_back(std::move(r));
     }
   } catch (const std::exception& e) {
-    return internal("alias file " + aliases_path() + " is malformed: " + e.what());
+    return internal("alias file " + path + " is malformed: " + e.what());
   }
   std::sort(out.begin(), out.end(),
             [](const AliasRecord& a, const AliasRecord& b) { return a.alias_name < b.alias_name; });
+  {
+    std::lock_guard<std::mutex> lock(cache_mu_);
+    ++parses_;
+    aliases_cache_ = CachedAliases{stamp_of(st, started), out};
+  }
   return out;
 }
 

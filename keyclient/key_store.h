@@ -10,12 +10,20 @@
 //
 // Every file is replaced atomically (temp, fsync, rename, fsync dir), so a
 // reader in another process sees the old or the new record, never a torn
-// one. Reads go to the files each time (a key created by kmsctl while a
-// mount runs is visible at once); parsed key records are cached by
-// (inode, size, mtime), which changes with every replacement.
+// one. Reads check the files each time (a key created by kmsctl while a
+// mount runs is visible at once), but cheaply: parsed key records and the
+// alias list are cached in memory and revalidated with one stat(2) of the
+// file — (dev, inode, size, mtime) changes with every replacement. A file
+// modified less than kRacyWindow before it was read is not trusted from the
+// cache ("racily clean", as git calls it): the kernel's file timestamps are
+// coarse (one tick), so a later replacement in the same tick that reused
+// the inode and had the same size would otherwise look unchanged; any
+// replacement after the read gets a later mtime. Writers keep taking the
+// store's flock (lock()) for read-modify-writes, so locking is unchanged.
 //
-// Thread safety: all methods may be called concurrently; cache_ is guarded
-// by cache_mu_, which is never held across file I/O.
+// Thread safety: all methods may be called concurrently; cache_ and
+// aliases_cache_ are guarded by cache_mu_, which is never held across file
+// I/O.
 
 #include <sys/types.h>
 
@@ -99,6 +107,9 @@ struct AliasRecord {
 
 class KeyStore {
  public:
+  // Longer than one kernel timestamp tick (1-10 ms).
+  static constexpr std::int64_t kRacyWindowNs = 20'000'000;
+
   explicit KeyStore(std::string state_dir);
 
   const std::string& dir() const { return dir_; }
@@ -115,6 +126,9 @@ class KeyStore {
   KmsResult<std::vector<std::string>> list_key_ids() const;  // sorted
   KmsResult<std::vector<AliasRecord>> load_aliases() const;   // sorted by name
 
+  // For tests: how many times a file was read and parsed (cache misses).
+  std::uint64_t parses() const;
+
   // Writers: the caller holds lock() when the write depends on what it read.
   KmsResult<void> write_key(const KeyRecord& rec);
   KmsResult<void> write_aliases(const std::vector<AliasRecord>& aliases) const;
@@ -124,17 +138,35 @@ class KeyStore {
  private:
   KmsResult<void> ensure_dirs() const;
 
-  struct Cached {
+  // What identifies one version of a file, and whether it may be trusted
+  // from the cache (see the top of this file).
+  struct FileStamp {
     dev_t dev = 0;
     ino_t ino = 0;
     off_t size = 0;
     std::int64_t mtime_ns = 0;
+    std::int64_t ctime_ns = 0;
+    bool trusted = false;
+    bool same_file(const FileStamp& o) const {
+      return dev == o.dev && ino == o.ino && size == o.size && mtime_ns == o.mtime_ns && ctime_ns == o.ctime_ns;
+    }
+  };
+  static FileStamp stamp_of(const struct stat& st, std::int64_t read_started_ns);
+
+  struct Cached {
+    FileStamp stamp;
     KeyRecord record;
+  };
+  struct CachedAliases {
+    FileStamp stamp;
+    std::vector<AliasRecord> aliases;
   };
 
   std::string dir_;
-  std::mutex cache_mu_;
+  mutable std::mutex cache_mu_;
   std::map<std::string, Cached> cache_;  // guarded by cache_mu_; key id -> record
+  mutable std::optional<CachedAliases> aliases_cache_;  // guarded by cache_mu_
+  mutable std::uint64_t parses_ = 0;  // guarded by cache_mu_
 };
 
 std::string key_record_to_json(const KeyRecord& rec);
