@@ -1,6 +1,7 @@
 #include "keyclient/audit_log.h"
 
 #include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -68,22 +69,39 @@ std::string iso8601_utc(double epoch_seconds) {
   return buf;
 }
 
-AuditLog::AuditLog(std::string state_dir, Hsm& hsm, std::uint64_t checkpoint_every)
+AuditLog::AuditLog(std::string state_dir, Hsm& hsm, AuditLogOptions options)
     : dir_(std::move(state_dir)),
       path_(dir_ + "/audit.log"),
       head_path_(dir_ + "/audit.head"),
       lock_path_(dir_ + "/audit.lock"),
+      head_lock_path_(dir_ + "/audit.head.lock"),
       hsm_(hsm),
-      checkpoint_every_(checkpoint_every == 0 ? 64 : checkpoint_every) {}
+      opts_(options) {
+  if (opts_.checkpoint_every == 0) opts_.checkpoint_every = 64;
+  if (opts_.sync_interval.count() < 0) opts_.sync_interval = std::chrono::milliseconds(0);
+}
 
 AuditLog::~AuditLog() {
   try {
-    bool dirty = false;
+    {
+      std::lock_guard<std::mutex> lock(flush_mu_);
+      stop_ = true;
+    }
+    flush_cv_.notify_all();
+    std::thread flusher;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      dirty = dirty_;
+      flusher = std::move(flusher_);
     }
-    if (dirty) {
+    if (flusher.joinable()) flusher.join();
+    bool wrote = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      wrote = appended_.load() > 0;
+    }
+    if (wrote) {
+      // write_head() syncs the log first, so nothing appended here stays
+      // only in the page cache.
       auto w = write_head();
       if (!w) named_logger("kmsfs.kms")->warn("could not write the audit head: {}", w.error().message);
     }
@@ -93,18 +111,18 @@ AuditLog::~AuditLog() {
 }
 
 KmsResult<void> AuditLog::ensure_hmac_key() {
-  if (hmac_ready_) return {};
+  if (hmac_ready_.load()) return {};
   auto exists = hsm_.key_exists(kHmacLabel);
   if (!exists) return internal("cannot look up the audit HMAC key: " + exists.error().message);
   if (!*exists) {
     auto g = hsm_.generate_hmac_key(kHmacLabel);
-    // Another process may have created it at the same moment.
+    // Another process (or thread) may have created it at the same moment.
     if (!g) {
       auto again = hsm_.key_exists(kHmacLabel);
       if (!again || !*again) return internal("cannot create the audit HMAC key: " + g.error().message);
     }
   }
-  hmac_ready_ = true;
+  hmac_ready_.store(true);
   return {};
 }
 
@@ -115,27 +133,62 @@ KmsResult<std::vector<std::uint8_t>> AuditLog::mac(const std::string& text) {
   return std::move(*m);
 }
 
-// Reads the last complete line of the log into tail_seq_/tail_hash_.
-KmsResult<void> AuditLog::load_tail() {
-  UniqueFd fd(::open(path_.c_str(), O_RDONLY | O_CLOEXEC));
-  if (!fd.valid()) {
-    if (errno != ENOENT) return internal("cannot open " + path_ + ": " + errno_text(errno));
-    tail_seq_ = 0;
-    tail_hash_ = kZeroHash;
-    tail_ino_ = 0;
-    tail_size_ = 0;
-    return {};
+// Under mu_: opens audit.lock once and flocks it; (re)opens the log when it
+// is not open yet or the path now names another file (replaced or removed
+// by an operator). Returns with the flock held; the caller unlocks.
+KmsResult<void> AuditLog::open_locked() {
+  if (!lock_fd_.valid()) {
+    UniqueFd fd(::open(lock_path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+    if (!fd.valid()) return internal("cannot open lock file " + lock_path_ + ": " + errno_text(errno));
+    lock_fd_ = std::move(fd);
+  }
+  while (::flock(lock_fd_.get(), LOCK_EX) != 0) {
+    if (errno == EINTR) continue;
+    return internal("cannot lock " + lock_path_ + ": " + errno_text(errno));
   }
   struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return internal("cannot stat " + path_ + ": " + errno_text(errno));
+  bool reopen = !log_fd_;
+  if (!reopen) {
+    if (::stat(path_.c_str(), &st) != 0) {
+      if (errno != ENOENT) return internal("cannot stat " + path_ + ": " + errno_text(errno));
+      reopen = true;
+    } else {
+      reopen = st.st_ino != static_cast<ino_t>(log_ino_) || st.st_dev != log_dev_;
+    }
+  }
+  if (reopen) {
+    if (log_fd_ && log_fd_->valid()) {
+      // Records written to the file being left behind are made durable
+      // first: the flusher only follows the current descriptor.
+      if (::fdatasync(log_fd_->get()) != 0) {
+        named_logger("kmsfs.kms")->warn("audit log: fdatasync of the replaced {} failed: {}", path_, errno_text(errno));
+      }
+    }
+    // O_RDWR, not O_WRONLY: the partial-line check preads the last byte.
+    UniqueFd fd(::open(path_.c_str(), O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0600));
+    if (!fd.valid()) return internal("cannot open " + path_ + ": " + errno_text(errno));
+    struct stat fst {};
+    if (::fstat(fd.get(), &fst) != 0) return internal("cannot stat " + path_ + ": " + errno_text(errno));
+    log_fd_ = std::make_shared<UniqueFd>(std::move(fd));
+    log_ino_ = static_cast<std::uint64_t>(fst.st_ino);
+    log_dev_ = fst.st_dev;
+    tail_size_ = -1;  // re-read the tail of the file now open
+  }
+  return {};
+}
+
+// Reads the last complete line of the open log into tail_seq_/tail_hash_
+// unless this object wrote the tail itself (same file, same size).
+KmsResult<void> AuditLog::load_tail(const struct stat& st) {
   if (static_cast<std::uint64_t>(st.st_ino) == tail_ino_ && st.st_size == tail_size_) return {};
+  const int fd = log_fd_->get();
   off_t size = st.st_size;
   std::string tail;
   off_t chunk = 65536;
   for (;;) {
     off_t start = size > chunk ? size - chunk : 0;
     tail.resize(static_cast<std::size_t>(size - start));
-    ssize_t n = ::pread(fd.get(), tail.data(), tail.size(), start);
+    ssize_t n = ::pread(fd, tail.data(), tail.size(), start);
     if (n < 0) return internal("cannot read " + path_ + ": " + errno_text(errno));
     tail.resize(static_cast<std::size_t>(n));
     // The last complete line: between the last two '\n' (a partial last
@@ -171,94 +224,214 @@ KmsResult<void> AuditLog::load_tail() {
   return {};
 }
 
-KmsResult<void> AuditLog::append(const json& event, bool durable) {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto flock = FileLock::acquire(lock_path_);
-  if (!flock) return internal(flock.error());
-  return append_locked(event, durable);
+KmsResult<void> AuditLog::append(const json& event, AuditDurability durability) {
+  std::shared_ptr<UniqueFd> fd;
+  std::uint64_t number = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto opened = open_locked();
+    if (!opened) return opened;
+    // The flock is released on every path out of this block.
+    struct Unlock {
+      int fd;
+      ~Unlock() { (void)::flock(fd, LOCK_UN); }
+    } unlock{lock_fd_.get()};
+
+    struct stat st {};
+    if (::fstat(log_fd_->get(), &st) != 0) return internal("cannot stat " + path_ + ": " + errno_text(errno));
+    const bool own_tail = static_cast<std::uint64_t>(st.st_ino) == tail_ino_ && st.st_size == tail_size_;
+    if (auto t = load_tail(st); !t) return t;
+    std::string out;
+    // A crash mid-write may have left a partial line: start on a new one.
+    // (A tail this object wrote itself ends with '\n'.)
+    if (st.st_size > 0 && !own_tail) {
+      char last = 0;
+      if (::pread(log_fd_->get(), &last, 1, st.st_size - 1) == 1 && last != '\n') out.push_back('\n');
+    }
+    std::uint64_t seq = tail_seq_;
+    std::string hash = tail_hash_;
+    auto add = [&](json rec) {
+      rec["seq"] = ++seq;
+      rec["prevHash"] = hash;
+      std::string body = rec.dump();
+      body.pop_back();  // the closing brace
+      const std::string h = chain_hash(hash, body);
+      out += body;
+      out += kHashField;
+      out += h;
+      out += "\"}\n";
+      hash = h;
+    };
+    add(event);
+    const bool checkpoint = (seq + 1) % opts_.checkpoint_every == 0;
+    if (checkpoint) {
+      auto m = mac("kmsfs-audit-checkpoint:" + std::to_string(seq + 1) + ":" + hash);
+      if (!m) return Unexpected<KmsError>(m.error());
+      add(json{{"eventType", "AuditCheckpoint"},
+               {"eventName", "AuditCheckpoint"},
+               {"eventTime", event.value("eventTime", std::string())},
+               {"mac", hex(*m)}});
+    }
+    const char* p = out.data();
+    std::size_t left = out.size();
+    while (left > 0) {
+      ssize_t n = ::write(log_fd_->get(), p, left);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        tail_size_ = -1;  // unknown now: re-read next time
+        return internal("cannot append to " + path_ + ": " + errno_text(errno));
+      }
+      p += n;
+      left -= static_cast<std::size_t>(n);
+    }
+    tail_seq_ = seq;
+    tail_hash_ = hash;
+    tail_ino_ = static_cast<std::uint64_t>(st.st_ino);
+    tail_size_ = st.st_size + static_cast<std::int64_t>(out.size());
+    if (checkpoint) head_due_ = true;
+    number = appended_.fetch_add(1) + 1;
+    fd = log_fd_;
+    const bool sync_now = durability == AuditDurability::Durable || opts_.sync_interval.count() == 0;
+    if (!sync_now || checkpoint) {
+      start_flusher_locked();
+      // Wake the flusher only when it is idle: while a flush is pending,
+      // later appends ride along without a futex wake each.
+      bool wake = false;
+      {
+        std::lock_guard<std::mutex> flock(flush_mu_);
+        wake = !flush_wanted_;
+        flush_wanted_ = true;
+      }
+      if (wake) flush_cv_.notify_one();
+    }
+    if (!sync_now) return {};
+  }
+  return sync_upto(fd, number);
 }
 
-KmsResult<void> AuditLog::append_locked(const json& event, bool durable) {
-  if (auto t = load_tail(); !t) return t;
-  // O_RDWR, not O_WRONLY: the partial-line check below preads the last byte.
-  UniqueFd fd(::open(path_.c_str(), O_RDWR | O_APPEND | O_CREAT | O_CLOEXEC, 0600));
-  if (!fd.valid()) return internal("cannot open " + path_ + ": " + errno_text(errno));
-  struct stat st {};
-  if (::fstat(fd.get(), &st) != 0) return internal("cannot stat " + path_ + ": " + errno_text(errno));
-  std::string out;
-  // A crash mid-write may have left a partial line: start on a new one.
-  if (st.st_size > 0) {
-    char last = 0;
-    if (::pread(fd.get(), &last, 1, st.st_size - 1) == 1 && last != '\n') out.push_back('\n');
-  }
-  auto add = [&](json rec) {
-    rec["seq"] = ++tail_seq_;
-    rec["prevHash"] = tail_hash_;
-    std::string body = rec.dump();
-    body.pop_back();  // the closing brace
-    const std::string h = chain_hash(tail_hash_, body);
-    out += body + kHashField + h + "\"}\n";
-    tail_hash_ = h;
-  };
-  const std::uint64_t first = tail_seq_ + 1;
-  add(event);
-  bool checkpoint = (tail_seq_ + 1) % checkpoint_every_ == 0;
-  if (checkpoint) {
-    auto m = mac("kmsfs-audit-checkpoint:" + std::to_string(tail_seq_ + 1) + ":" + tail_hash_);
-    if (!m) return Unexpected<KmsError>(m.error());
-    add(json{{"eventType", "AuditCheckpoint"},
-             {"eventName", "AuditCheckpoint"},
-             {"eventTime", event.value("eventTime", std::string())},
-             {"mac", hex(*m)}});
-  }
-  const char* p = out.data();
-  std::size_t left = out.size();
-  while (left > 0) {
-    ssize_t n = ::write(fd.get(), p, left);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      tail_size_ = -1;  // unknown now: re-read next time
-      return internal("cannot append to " + path_ + ": " + errno_text(errno));
-    }
-    p += n;
-    left -= static_cast<std::size_t>(n);
-  }
-  if (durable && ::fdatasync(fd.get()) != 0) {
-    tail_size_ = -1;
-    return internal("cannot fsync " + path_ + ": " + errno_text(errno));
-  }
-  tail_ino_ = static_cast<std::uint64_t>(st.st_ino);
-  tail_size_ = st.st_size + static_cast<std::int64_t>(out.size());
-  dirty_ = true;
-  (void)first;
-  if (checkpoint) return write_head_locked();
+KmsResult<void> AuditLog::sync_upto(const std::shared_ptr<UniqueFd>& fd, std::uint64_t upto) {
+  std::lock_guard<std::mutex> lock(sync_mu_);
+  if (synced_ >= upto) return {};  // another caller's fdatasync covered it (group commit)
+  // Everything appended before this point is in the file: one fdatasync
+  // covers all of it, also appends made by other threads meanwhile.
+  const std::uint64_t covered = appended_.load();
+  if (::fdatasync(fd->get()) != 0) return internal("cannot fsync " + path_ + ": " + errno_text(errno));
+  ++fdatasyncs_;
+  if (covered > synced_) synced_ = covered;
   return {};
 }
 
-KmsResult<void> AuditLog::write_head() {
-  std::lock_guard<std::mutex> lock(mu_);
-  auto flock = FileLock::acquire(lock_path_);
-  if (!flock) return internal(flock.error());
-  if (auto t = load_tail(); !t) return t;
-  return write_head_locked();
+KmsResult<void> AuditLog::sync() {
+  std::shared_ptr<UniqueFd> fd;
+  std::uint64_t upto = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    fd = log_fd_;
+    upto = appended_.load();
+  }
+  if (!fd || upto == 0) return {};
+  return sync_upto(fd, upto);
 }
 
-KmsResult<void> AuditLog::write_head_locked() {
-  if (tail_seq_ == 0) return {};
+AuditLog::Counters AuditLog::counters() const {
+  Counters c;
+  c.appended = appended_.load();
+  std::lock_guard<std::mutex> lock(sync_mu_);
+  c.synced = synced_;
+  c.fdatasyncs = fdatasyncs_;
+  return c;
+}
+
+void AuditLog::start_flusher_locked() {
+  if (flusher_.joinable()) return;
+  {
+    std::lock_guard<std::mutex> lock(flush_mu_);
+    if (stop_) return;
+  }
+  flusher_ = std::thread([this] { flusher_main(); });
+}
+
+// Waits for an append, lets sync_interval pass (appends arriving meanwhile
+// share the sync), fdatasyncs, then writes the head if a checkpoint is due.
+void AuditLog::flusher_main() {
+  auto log = named_logger("kmsfs.kms");
+  for (;;) {
+    {
+      std::unique_lock<std::mutex> lock(flush_mu_);
+      flush_cv_.wait(lock, [&] { return stop_ || flush_wanted_; });
+      if (stop_) return;  // the destructor syncs and writes the head
+      flush_cv_.wait_for(lock, opts_.sync_interval, [&] { return stop_; });
+      if (stop_) return;
+      flush_wanted_ = false;
+    }
+    auto s = sync();
+    if (!s) {
+      log->error("audit log: buffered records are not durable yet (retried): {}", s.error().message);
+      std::lock_guard<std::mutex> lock(flush_mu_);
+      flush_wanted_ = true;
+      continue;
+    }
+    bool due = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      due = head_due_;
+    }
+    if (due) {
+      auto w = write_head();
+      if (!w) log->warn("could not write the audit head (retried at the next checkpoint): {}", w.error().message);
+    }
+  }
+}
+
+KmsResult<void> AuditLog::write_head() {
+  Tail tail;
+  std::shared_ptr<UniqueFd> fd;
+  std::uint64_t upto = 0;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!log_fd_) {
+      // Nothing appended by this object: read the file's tail.
+      auto opened = open_locked();
+      if (!opened) return opened;
+      struct Unlock {
+        int fd;
+        ~Unlock() { (void)::flock(fd, LOCK_UN); }
+      } unlock{lock_fd_.get()};
+      struct stat st {};
+      if (::fstat(log_fd_->get(), &st) != 0) return internal("cannot stat " + path_ + ": " + errno_text(errno));
+      if (auto t = load_tail(st); !t) return t;
+    }
+    tail = Tail{tail_seq_, tail_hash_};
+    fd = log_fd_;
+    upto = appended_.load();
+    head_due_ = false;
+  }
+  // The head may only name a record that is durable in the log.
+  if (upto > 0) {
+    if (auto s = sync_upto(fd, upto); !s) return s;
+  } else if (::fdatasync(fd->get()) != 0) {
+    return internal("cannot fsync " + path_ + ": " + errno_text(errno));
+  }
+  return write_head_for(tail);
+}
+
+KmsResult<void> AuditLog::write_head_for(const Tail& tail) {
+  if (tail.seq == 0) return {};
+  std::lock_guard<std::mutex> lock(head_mu_);
+  // Head writers of all processes exclude each other, so that an older
+  // head never replaces a newer one. Appenders do not wait for this lock.
+  auto flock = FileLock::acquire(head_lock_path_);
+  if (!flock) return internal(flock.error());
   auto old = read_file_if_exists(head_path_);
   if (old && *old) {
     json h = json::parse(**old, nullptr, false);
-    if (!h.is_discarded() && h.value("seq", std::uint64_t{0}) >= tail_seq_) {
-      dirty_ = false;
-      return {};
-    }
+    if (!h.is_discarded() && h.value("seq", std::uint64_t{0}) >= tail.seq) return {};
   }
-  auto m = mac("kmsfs-audit-head:" + std::to_string(tail_seq_) + ":" + tail_hash_);
+  auto m = mac("kmsfs-audit-head:" + std::to_string(tail.seq) + ":" + tail.hash);
   if (!m) return Unexpected<KmsError>(m.error());
-  json head{{"seq", tail_seq_}, {"hash", tail_hash_}, {"mac", hex(*m)}};
+  json head{{"seq", tail.seq}, {"hash", tail.hash}, {"mac", hex(*m)}};
   auto w = atomic_write_file(head_path_, head.dump() + "\n");
   if (!w) return internal("cannot write " + head_path_ + ": " + w.error());
-  dirty_ = false;
   return {};
 }
 

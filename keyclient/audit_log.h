@@ -16,21 +16,41 @@
 // Several processes may append to one log: each append holds an exclusive
 // flock on STATE/audit.lock, reads the chain's tail (unless it wrote the
 // tail itself) and writes its whole line with one write(2) on an O_APPEND
-// descriptor. A durable append fdatasyncs before returning.
+// descriptor. The log and lock files stay open for the object's lifetime
+// (reopened when the log is replaced).
 //
-// Thread safety: all methods may be called concurrently (mu_ serialises
-// this process's appenders; the flock serialises processes).
+// Durability (docs/kms-api.md, "Audit trail"): when append() returns, the
+// record is in the file (the kernel's page cache), so killing the process
+// loses nothing already returned. A `Durable` append is also fdatasynced
+// before it returns (group commit: concurrent durable appends share one
+// fdatasync). A `Buffered` append is made durable by a background flusher
+// within `sync_interval` (started at the first buffered append, so after a
+// daemon's fork); sync_interval 0 makes every append durable. The head is
+// written by the flusher (and at close) only after the log is synced up to
+// the record it names, so a power loss never leaves a head that is ahead of
+// the log.
+//
+// Thread safety: all methods may be called concurrently. Lock order:
+// mu_ (this process's appenders), then the flock on audit.lock; sync_mu_
+// and head_mu_ are taken with no other lock held, except that flush_mu_
+// is taken briefly under mu_ to wake the flusher.
 
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "keyclient/hsm.h"
 #include "keyclient/kms_error.h"
+#include "keyclient/state_files.h"
 
 namespace kmsfs::keyclient {
 
@@ -51,49 +71,104 @@ struct AuditSearch {
   std::size_t limit = 1000;
 };
 
+struct AuditLogOptions {
+  std::uint64_t checkpoint_every = 64;  // 0 = 64
+  // How long a Buffered record may stay in the page cache before the
+  // flusher fdatasyncs it. 0 = fdatasync every append before it returns.
+  std::chrono::milliseconds sync_interval{100};
+};
+
+enum class AuditDurability {
+  Buffered,  // in the file when append() returns; fdatasynced within sync_interval
+  Durable,   // fdatasynced before append() returns
+};
+
 class AuditLog {
  public:
   static constexpr const char* kHmacLabel = "kmsfs/audit-hmac";
 
-  AuditLog(std::string state_dir, Hsm& hsm, std::uint64_t checkpoint_every = 64);
-  ~AuditLog();  // writes the head (best effort)
+  AuditLog(std::string state_dir, Hsm& hsm, AuditLogOptions options = {});
+  ~AuditLog();  // stops the flusher, fdatasyncs, writes the head (best effort)
   AuditLog(const AuditLog&) = delete;
   AuditLog& operator=(const AuditLog&) = delete;
 
   const std::string& path() const { return path_; }
 
   // Appends `event` (a JSON object without seq/prevHash/hash) and, when
-  // due, a checkpoint. `durable`: fdatasync before returning.
-  KmsResult<void> append(const nlohmann::json& event, bool durable);
-  // Writes STATE/audit.head for the current tail (MACed in the HSM).
+  // due, a checkpoint, with one write(2).
+  KmsResult<void> append(const nlohmann::json& event, AuditDurability durability);
+  // fdatasyncs everything this object appended, then writes STATE/audit.head
+  // for the current tail (MACed in the HSM).
   KmsResult<void> write_head();
+  // fdatasyncs everything this object appended so far.
+  KmsResult<void> sync();
 
   KmsResult<AuditVerifyReport> verify();
   KmsResult<std::vector<nlohmann::json>> search(const AuditSearch& query);
 
+  // For tests and diagnostics: appends (write(2) calls) made by this object,
+  // and how many of them an fdatasync has covered.
+  struct Counters {
+    std::uint64_t appended = 0;
+    std::uint64_t synced = 0;
+    std::uint64_t fdatasyncs = 0;
+  };
+  Counters counters() const;
+
  private:
+  struct Tail {
+    std::uint64_t seq = 0;
+    std::string hash;
+  };
+
   KmsResult<void> ensure_hmac_key();
   KmsResult<std::vector<std::uint8_t>> mac(const std::string& text);
-  KmsResult<void> append_locked(const nlohmann::json& event, bool durable);
-  KmsResult<void> write_head_locked();
-  KmsResult<void> load_tail();
+  // Under mu_: (re)opens the log when needed and takes the flock.
+  KmsResult<void> open_locked();
+  KmsResult<void> load_tail(const struct stat& st);
+  // fdatasyncs `fd` (a descriptor of the log) so that append number `upto`
+  // and everything before it is durable; concurrent callers share syncs.
+  KmsResult<void> sync_upto(const std::shared_ptr<UniqueFd>& fd, std::uint64_t upto);
+  KmsResult<void> write_head_for(const Tail& tail);
+  void start_flusher_locked();
+  void flusher_main();
 
   std::string dir_;
   std::string path_;
   std::string head_path_;
   std::string lock_path_;
+  std::string head_lock_path_;
   Hsm& hsm_;
-  std::uint64_t checkpoint_every_;
+  AuditLogOptions opts_;
 
-  std::mutex mu_;  // guards everything below
-  bool hmac_ready_ = false;
-  bool dirty_ = false;  // appended since the last head write
+  std::atomic<bool> hmac_ready_{false};
+
+  std::mutex mu_;  // guards everything down to flusher_
+  std::shared_ptr<UniqueFd> log_fd_;  // O_RDWR | O_APPEND, shared with syncs in flight
+  std::uint64_t log_ino_ = 0;
+  dev_t log_dev_ = 0;
+  UniqueFd lock_fd_;  // audit.lock, flocked for each append
+  bool head_due_ = false;  // a checkpoint was appended since the last head write
   // The tail as this process last wrote it, valid while the file's identity
   // and size are unchanged.
   std::uint64_t tail_seq_ = 0;
   std::string tail_hash_;
   std::uint64_t tail_ino_ = 0;
   std::int64_t tail_size_ = -1;
+  std::thread flusher_;  // started at the first Buffered append
+
+  std::atomic<std::uint64_t> appended_{0};  // written under mu_
+
+  mutable std::mutex sync_mu_;  // serialises fdatasync; guards synced_, fdatasyncs_
+  std::uint64_t synced_ = 0;
+  std::uint64_t fdatasyncs_ = 0;
+
+  std::mutex head_mu_;  // serialises head writes of this object
+
+  std::mutex flush_mu_;  // guards stop_, flush_wanted_; with flush_cv_
+  std::condition_variable flush_cv_;
+  bool stop_ = false;
+  bool flush_wanted_ = false;
 };
 
 // "2026-11-29T11:11:42Z"

@@ -3,6 +3,8 @@
 
 #include <unistd.h>
 
+#include <cerrno>
+#include <chrono>
 #include <cstdlib>
 
 #include "keyclient/kms_core.h"
@@ -29,12 +31,26 @@ KmsOptions resolve_kms_options(KmsOptions opts) {
   if (opts.pkcs11_module.empty()) opts.pkcs11_module = KMSFS_DEFAULT_PKCS11_MODULE;
   if (opts.pin_file.empty()) opts.pin_file = kms_home_paths(opts.home).pin;
   if (opts.token_label.empty()) opts.token_label = "kmsfs";
+  if (opts.audit_sync_interval_ms < 0) {
+    const char* e = std::getenv("KMSFS_AUDIT_SYNC_INTERVAL_MS");
+    if (e != nullptr && *e != '\0') {
+      char* end = nullptr;
+      errno = 0;
+      const long long v = std::strtoll(e, &end, 10);
+      // A malformed value is reported by make_kms_core (-2 marks it).
+      opts.audit_sync_interval_ms = (errno != 0 || *end != '\0' || v < 0 || v > 3600000) ? -2 : v;
+    }
+  }
   return opts;
 }
 
 KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts) {
   const KmsOptions o = resolve_kms_options(opts);
   auto log = named_logger("kmsfs.kms");
+  if (o.audit_sync_interval_ms < -1) {
+    return kms_error(KmsErrorCode::ValidationException,
+                     "KMSFS_AUDIT_SYNC_INTERVAL_MS must be a number of milliseconds from 0 to 3600000");
+  }
   const KmsHomePaths paths = kms_home_paths(o.home);
   if (auto d = ensure_kms_home_dir(paths); !d) return Unexpected<KmsError>(d.error());
 
@@ -85,7 +101,9 @@ KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts) {
     hsm = std::move(*opened);
   }  // the init lock is released before the core takes it for its own writes
 
-  auto core = std::make_unique<KmsCore>(paths.home, std::move(hsm));
+  KmsCoreOptions core_opts;
+  if (o.audit_sync_interval_ms >= 0) core_opts.audit_sync_interval = std::chrono::milliseconds(o.audit_sync_interval_ms);
+  auto core = std::make_unique<KmsCore>(paths.home, std::move(hsm), system_clock_now, core_opts);
   log->debug("KMS core ready in {}", paths.home);
   return core;
 }

@@ -127,7 +127,7 @@ std::string hsm_label(const std::string& key_id, std::uint32_t version) {
 
 std::string random_hex(std::size_t bytes) {
   std::vector<std::uint8_t> b(bytes);
-  crypto::random_bytes(b);
+  crypto::random_public_bytes(b);  // request and event ids are public
   return crypto::to_hex(b);
 }
 
@@ -258,9 +258,14 @@ KmsCore::Impl::Impl(std::string dir, std::unique_ptr<Hsm> h, Clock c, KmsCoreOpt
       hsm(std::move(h)),
       clock(std::move(c)),
       opts(o),
-      audit(dir, *hsm, o.audit_checkpoint_every),
+      audit(dir, *hsm, AuditLogOptions{o.audit_checkpoint_every, o.audit_sync_interval}),
       log(named_logger("kmsfs.kms")),
-      state_dir(dir) {}
+      state_dir(dir),
+      self_pid(::getpid()) {
+  char buf[4096];
+  ssize_t n = ::readlink("/proc/self/exe", buf, sizeof buf - 1);
+  if (n > 0) self_exe.assign(buf, static_cast<std::size_t>(n));
+}
 
 Principal KmsCore::Impl::principal_of(const CallerIdentity& c) {
   const double now = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
@@ -310,7 +315,9 @@ json KmsCore::Impl::audit_params(const json& req) {
 json KmsCore::Impl::audit_event(const Call& call, const KmsError* error) const {
   const double now = clock();
   std::string exe;
-  {
+  if (call.caller.pid > 0 && call.caller.pid == self_pid) {
+    exe = self_exe;  // embedded mode: this process's executable, read once
+  } else {
     char buf[4096];
     const std::string link = "/proc/" + std::to_string(call.caller.pid) + "/exe";
     ssize_t n = call.caller.pid > 0 ? ::readlink(link.c_str(), buf, sizeof buf - 1) : -1;
@@ -657,7 +664,7 @@ KmsResult<Bytes> KmsCore::Impl::wrap(const KeyRecord& rec, std::span<const std::
   if (!uuid) return err(KmsErrorCode::KMSInternalException, "key record has an invalid key id");
   blob.key_uuid = *uuid;
   blob.key_version = version->version;
-  crypto::random_bytes(blob.iv);
+  crypto::random_public_bytes(blob.iv);  // the IV is stored in the clear in the blob
   blob.ciphertext_and_tag.resize(plaintext.size() + CiphertextBlob::kTagSize);  // header_bytes() reads the size
   auto header = blob.header_bytes();
   auto context = canonical_encryption_context(ctx);
@@ -752,7 +759,7 @@ void KmsCore::Impl::audit_service_event(const std::string& event_name, const Key
          {"recipientAccountId", kAccount},
          {"managementEvent", true},
          {"eventCategory", "Management"}};
-  auto a = audit.append(e, true);
+  auto a = audit.append(e, AuditDurability::Durable);
   if (!a) log->error("{}: the audit record could not be written: {}", event_name, a.error().message);
 }
 
@@ -896,6 +903,11 @@ KmsResult<void> KmsCore::run_maintenance() {
     impl_->last_maintenance = impl_->clock();
   }
   return impl_->maintain();
+}
+
+KmsCore::AuditSyncState KmsCore::audit_sync_state() const {
+  const auto c = impl_->audit.counters();
+  return AuditSyncState{c.appended, c.synced};
 }
 
 KmsResult<CreateKeyResponse> KmsCore::create_key(const CallerIdentity& caller, const CreateKeyRequest& req) {
@@ -1072,7 +1084,7 @@ KmsResult<GenerateDataKeyResponse> KmsCore::generate_data_key(const CallerIdenti
   return impl_->run<GenerateDataKeyResponse>(caller, "GenerateDataKey", true,
                                              [&](Call& call) -> KmsResult<GenerateDataKeyResponse> {
                                                call.params = Impl::audit_params(json(req));
-                                               call.durable = true;
+                                               call.plaintext = true;
                                                return generate_data_key_in(*impl_, call, req, "GenerateDataKey");
                                              });
 }
@@ -1095,7 +1107,7 @@ KmsResult<DecryptResponse> KmsCore::decrypt(const CallerIdentity& caller, const 
     call.params = {{"encryptionContext", context_json(req.encryption_context)},
                    {"encryptionAlgorithm", req.encryption_algorithm}};
     if (req.key_id) call.params["keyId"] = *req.key_id;
-    call.durable = true;
+    call.plaintext = true;
     if (auto a = validate_algorithm(req.encryption_algorithm); !a) return Unexpected<KmsError>(a.error());
     if (auto c = validate_context(req.encryption_context); !c) return Unexpected<KmsError>(c.error());
     KeyRecord rec;
@@ -1166,7 +1178,7 @@ KmsResult<GenerateRandomResponse> KmsCore::generate_random(const CallerIdentity&
   return impl_->run<GenerateRandomResponse>(caller, "GenerateRandom", true,
                                             [&](Call& call) -> KmsResult<GenerateRandomResponse> {
                                               call.params = {{"numberOfBytes", req.number_of_bytes}};
-                                              call.durable = true;
+                                              call.plaintext = true;
                                               if (req.number_of_bytes < 1 || req.number_of_bytes > 1024) {
                                                 return err(KmsErrorCode::ValidationException,
                                                            "NumberOfBytes must be between 1 and 1024");

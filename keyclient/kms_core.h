@@ -47,6 +47,12 @@ struct KmsCoreOptions {
   // are processed at construction and then at most this often, on calls.
   double maintenance_interval_seconds = 60;
   std::uint64_t audit_checkpoint_every = 64;
+  // Data-plane records (GenerateDataKey*, Encrypt, Decrypt, ReEncrypt,
+  // GenerateRandom, reads) are written before the call returns and
+  // fdatasynced within this interval; records of calls that change key
+  // state are fdatasynced before the call returns. 0 = fdatasync every
+  // record before its call returns. See docs/kms-api.md, "Audit trail".
+  std::chrono::milliseconds audit_sync_interval{100};
 };
 
 class KmsCore {
@@ -109,6 +115,14 @@ class KmsCore {
   // expired imported material and automatic rotations. Also runs at
   // construction and, on calls, every maintenance_interval_seconds.
   KmsResult<void> run_maintenance();
+
+  // For tests and diagnostics: audit records this core appended, and how
+  // many of them an fdatasync has covered.
+  struct AuditSyncState {
+    std::uint64_t appended = 0;
+    std::uint64_t synced = 0;
+  };
+  AuditSyncState audit_sync_state() const;
 
   struct Impl;
 

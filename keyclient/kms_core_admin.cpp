@@ -613,6 +613,7 @@ KmsResult<json> KmsCore::revoke_grant(const CallerIdentity& caller, const json& 
 
 KmsResult<json> KmsCore::get_parameters_for_import(const CallerIdentity& caller, const json& body) {
   return impl_->run_json(caller, "GetParametersForImport", true, body, [&](Call& call) -> KmsResult<json> {
+    call.durable = true;  // stores an import token and a wrapping key pair
     const std::string alg = req_str(body, "WrappingAlgorithm");
     const std::string spec = req_str(body, "WrappingKeySpec");
     if (alg != "RSAES_OAEP_SHA_256") {

@@ -6,8 +6,10 @@
 // Every operation runs through Impl::run(): resolve the caller, do the work
 // (which authorises each key it touches through authorize() and checks the
 // key state through check_state()), then append exactly one audit record —
-// allowed, denied or failed — fsynced before a response that carries
-// plaintext is returned.
+// allowed, denied or failed — written before the response is returned
+// (a response that carries plaintext is refused when it cannot be), and
+// fdatasynced before it returns when the call changes key state
+// (!read_only or Call::durable), else by the audit log's flusher.
 //
 // Locks: Impl::mu guards wrap_left, last_maintenance and principals; it is
 // never held across file I/O or an HSM call. The KeyStore's flock
@@ -72,7 +74,11 @@ struct Call {
   json params = json::object();  // requestParameters (never plaintext, blobs, tokens or PINs)
   json resources = json::array();
   bool read_only = true;
-  bool durable = false;  // the response carries plaintext: fsync the record first
+  // The response carries plaintext: refused when its record cannot be written.
+  bool plaintext = false;
+  // fdatasync the record before returning even though read_only (a call
+  // that changes state the AWS API calls read-only, e.g. an import token).
+  bool durable = false;
   void add_resource(const std::string& arn);
 };
 
@@ -89,6 +95,10 @@ struct KmsCore::Impl {
   AuditLog audit;  // declared after hsm: destroyed (writing its head) before it
   std::shared_ptr<spdlog::logger> log;
   std::string state_dir;
+  // This process (the core is built after any daemonizing fork) and its
+  // executable, for the audit records of embedded callers.
+  pid_t self_pid;
+  std::string self_exe;
 
   std::mutex mu;
   std::map<std::string, std::uint64_t> wrap_left;  // guarded by mu: HSM label -> reserved wraps left
@@ -161,11 +171,12 @@ KmsResult<T> KmsCore::Impl::run(const CallerIdentity& caller, const char* operat
     }
   }();
   const KmsError* error = result ? nullptr : &result.error();
-  auto a = audit.append(audit_event(call, error), call.durable && result.has_value());
+  const bool durable = !call.read_only || call.durable;
+  auto a = audit.append(audit_event(call, error), durable ? AuditDurability::Durable : AuditDurability::Buffered);
   if (!a) {
     log->error("{}: the audit record could not be written: {}", operation, a.error().message);
-    // Plaintext is never handed out without its audit record on disk.
-    if (call.durable && result) {
+    // Plaintext is never handed out without its audit record in the log.
+    if (call.plaintext && result) {
       return err(KmsErrorCode::KMSInternalException, "the audit trail could not be written: " + a.error().message);
     }
   }

@@ -25,6 +25,10 @@ struct KmsOptions {
   std::string pin_file;
   // Token label; the token is found by label, never by slot number.
   std::string token_label = "kmsfs";
+  // The core's audit_sync_interval (KmsCoreOptions), in milliseconds:
+  // -1 = $KMSFS_AUDIT_SYNC_INTERVAL_MS, else the core's default (100 ms);
+  // 0 = fdatasync every audit record before its call returns.
+  long long audit_sync_interval_ms = -1;
 };
 
 // Resolves the defaults described above (reads KMSFS_KMS and KMSFS_HOME when

@@ -1,0 +1,269 @@
+// The audit log's durability classes (#6): a data-plane record is in the
+// file when append() returns (it survives a kill -9 of the writer) and is
+// fdatasynced by the flusher within the interval; a durable record is
+// fdatasynced before append() returns; the chain stays verifiable.
+
+#include "keyclient/audit_log.h"
+
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "keyclient/kms_core.h"
+#include "tests/unit/keyclient/test_env.h"
+
+namespace kmsfs::keyclient {
+namespace {
+
+using json = nlohmann::json;
+using namespace std::chrono_literals;
+
+// No checkpoint is due with checkpoint_every = 1000000, so the log never
+// asks this HSM for anything.
+class NoHsm final : public Hsm {
+ public:
+  HsmResult<void> generate_aes_key(const std::string&, std::size_t) override { return refuse(); }
+  HsmResult<bool> key_exists(const std::string&) override { return unexpected(err()); }
+  HsmResult<void> destroy_key(const std::string&) override { return refuse(); }
+  HsmResult<std::vector<std::uint8_t>> encrypt_gcm(const std::string&, std::span<const std::uint8_t>,
+                                                   std::span<const std::uint8_t>,
+                                                   std::span<const std::uint8_t>) override {
+    return unexpected(err());
+  }
+  HsmResult<crypto::SecureBuffer> decrypt_gcm(const std::string&, std::span<const std::uint8_t>,
+                                              std::span<const std::uint8_t>, std::span<const std::uint8_t>) override {
+    return unexpected(err());
+  }
+  HsmResult<void> generate_random(std::span<std::uint8_t>) override { return refuse(); }
+
+ private:
+  static HsmError err() { return HsmError{HsmError::Kind::DeviceError, 0, "no HSM in this test"}; }
+  static HsmResult<void> refuse() { return unexpected(err()); }
+};
+
+AuditLogOptions options(std::chrono::milliseconds interval) {
+  AuditLogOptions o;
+  o.checkpoint_every = 1000000;
+  o.sync_interval = interval;
+  return o;
+}
+
+json event(const std::string& name, int i) {
+  return json{{"eventName", name}, {"eventType", "AwsApiCall"}, {"n", i}};
+}
+
+std::vector<json> records_of(const std::string& path) {
+  std::ifstream in(path);
+  std::vector<json> out;
+  for (std::string l; std::getline(in, l);) out.push_back(json::parse(l, nullptr, false));
+  return out;
+}
+
+TEST(AuditLog, BufferedRecordIsInTheFileWhenAppendReturnsButNotYetSynced) {
+  const std::string dir = test::make_temp_dir("audit");
+  NoHsm hsm;
+  AuditLog log(dir, hsm, options(1h));
+  ASSERT_TRUE(log.append(event("Decrypt", 1), AuditDurability::Buffered));
+  auto recs = records_of(log.path());
+  ASSERT_EQ(recs.size(), 1u);
+  EXPECT_EQ(recs[0]["eventName"], "Decrypt");
+  EXPECT_EQ(recs[0]["seq"], 1);
+  const auto c = log.counters();
+  EXPECT_EQ(c.appended, 1u);
+  EXPECT_EQ(c.synced, 0u) << "a data-plane record must not wait for an fdatasync";
+  EXPECT_EQ(c.fdatasyncs, 0u);
+}
+
+TEST(AuditLog, DurableRecordIsSyncedBeforeAppendReturns) {
+  const std::string dir = test::make_temp_dir("audit");
+  NoHsm hsm;
+  AuditLog log(dir, hsm, options(1h));
+  ASSERT_TRUE(log.append(event("Decrypt", 1), AuditDurability::Buffered));
+  ASSERT_TRUE(log.append(event("DisableKey", 2), AuditDurability::Durable));
+  const auto c = log.counters();
+  EXPECT_EQ(c.appended, 2u);
+  EXPECT_EQ(c.synced, 2u);  // one fdatasync covers the buffered record too
+  EXPECT_EQ(c.fdatasyncs, 1u);
+}
+
+TEST(AuditLog, ZeroIntervalSyncsEveryRecord) {
+  const std::string dir = test::make_temp_dir("audit");
+  NoHsm hsm;
+  AuditLog log(dir, hsm, options(0ms));
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_TRUE(log.append(event("Decrypt", i), AuditDurability::Buffered));
+    EXPECT_EQ(log.counters().synced, static_cast<std::uint64_t>(i + 1));
+  }
+}
+
+TEST(AuditLog, FlusherSyncsBufferedRecordsWithinTheInterval) {
+  const std::string dir = test::make_temp_dir("audit");
+  NoHsm hsm;
+  AuditLog log(dir, hsm, options(50ms));
+  for (int i = 0; i < 50; ++i) ASSERT_TRUE(log.append(event("GenerateDataKey", i), AuditDurability::Buffered));
+  const auto deadline = std::chrono::steady_clock::now() + 5s;
+  while (log.counters().synced < 50 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(10ms);
+  const auto c = log.counters();
+  EXPECT_EQ(c.synced, 50u);
+  EXPECT_LT(c.fdatasyncs, 50u) << "records appended together share an fdatasync";
+}
+
+TEST(AuditLog, ConcurrentAppendersKeepOneChain) {
+  const std::string dir = test::make_temp_dir("audit");
+  NoHsm hsm;
+  {
+    AuditLog log(dir, hsm, options(20ms));
+    std::vector<std::thread> threads;
+    for (int t = 0; t < 4; ++t) {
+      threads.emplace_back([&, t] {
+        for (int i = 0; i < 100; ++i) {
+          auto d = (i % 10 == 0) ? AuditDurability::Durable : AuditDurability::Buffered;
+          ASSERT_TRUE(log.append(event("Decrypt", t * 1000 + i), d));
+        }
+      });
+    }
+    for (auto& th : threads) th.join();
+  }
+  NoHsm again;
+  AuditLog reader(dir, again, options(1h));
+  auto v = reader.verify();
+  ASSERT_TRUE(v);
+  EXPECT_TRUE(v->ok) << v->problem;
+  EXPECT_EQ(v->records, 400u);
+}
+
+// A child process appends buffered records (no fdatasync: the interval is an
+// hour), says so, and is killed with SIGKILL: its destructor never runs, yet
+// every record it returned from is in the file and the chain continues.
+TEST(AuditLog, RecordsReturnedSurviveKillOfTheWriter) {
+  const std::string dir = test::make_temp_dir("audit");
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(fds[0]);
+    NoHsm hsm;
+    AuditLog log(dir, hsm, options(1h));
+    bool ok = true;
+    for (int i = 0; i < 20; ++i) ok = ok && log.append(event("GenerateDataKey", i), AuditDurability::Buffered).has_value();
+    const char c = ok ? 'y' : 'n';
+    (void)!::write(fds[1], &c, 1);
+    for (;;) ::pause();
+  }
+  ::close(fds[1]);
+  char c = 0;
+  ASSERT_EQ(::read(fds[0], &c, 1), 1);
+  ::close(fds[0]);
+  ASSERT_EQ(::kill(pid, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFSIGNALED(status));
+  ASSERT_EQ(c, 'y');
+
+  auto recs = records_of(dir + "/audit.log");
+  ASSERT_EQ(recs.size(), 20u);
+  EXPECT_EQ(recs.back()["seq"], 20);
+  NoHsm hsm;
+  AuditLog log(dir, hsm, options(1h));
+  ASSERT_TRUE(log.append(event("Decrypt", 99), AuditDurability::Durable));
+  auto v = log.verify();
+  ASSERT_TRUE(v);
+  EXPECT_TRUE(v->ok) << v->problem;
+  EXPECT_EQ(v->records, 21u);
+}
+
+// A crash in the middle of a write(2) can leave a partial last line: the
+// next record starts on a fresh line and chains to the last complete one.
+TEST(AuditLog, PartialLastLineIsLeftBehindOnItsOwnLine) {
+  const std::string dir = test::make_temp_dir("audit");
+  NoHsm hsm;
+  {
+    AuditLog log(dir, hsm, options(1h));
+    ASSERT_TRUE(log.append(event("Decrypt", 1), AuditDurability::Buffered));
+  }
+  const std::string path = dir + "/audit.log";
+  const auto first = records_of(path).at(0);
+  {
+    std::ofstream out(path, std::ios::app);
+    out << R"({"eventName":"Decrypt","seq":2,"prevH)";
+  }
+  AuditLog log(dir, hsm, options(1h));
+  ASSERT_TRUE(log.append(event("Encrypt", 2), AuditDurability::Buffered));
+  std::ifstream in(path);
+  std::vector<std::string> lines;
+  for (std::string l; std::getline(in, l);) lines.push_back(l);
+  ASSERT_EQ(lines.size(), 3u);
+  json rec = json::parse(lines[2]);
+  EXPECT_EQ(rec["seq"], 2);
+  EXPECT_EQ(rec["prevHash"], first["hash"]);
+  // verify names the torn line.
+  auto v = log.verify();
+  ASSERT_TRUE(v);
+  EXPECT_FALSE(v->ok);
+  EXPECT_EQ(v->line, 2u);
+}
+
+// The same log written by another process (another AuditLog on the same
+// directory) between this object's appends: the tail is re-read, so the
+// chain stays one chain.
+TEST(AuditLog, AppendsOfAnotherWriterAreChainedOnto) {
+  const std::string dir = test::make_temp_dir("audit");
+  NoHsm h1, h2;
+  AuditLog a(dir, h1, options(1h));
+  AuditLog b(dir, h2, options(1h));
+  for (int i = 0; i < 5; ++i) {
+    ASSERT_TRUE(a.append(event("Decrypt", i), AuditDurability::Buffered));
+    ASSERT_TRUE(b.append(event("Encrypt", i), AuditDurability::Buffered));
+  }
+  auto v = a.verify();
+  ASSERT_TRUE(v);
+  EXPECT_TRUE(v->ok) << v->problem;
+  EXPECT_EQ(v->records, 10u);
+}
+
+// Through the core: calls that change key state are durable before they
+// return, data-plane calls are not waited for.
+TEST(KmsCoreAudit, ControlPlaneCallsAreSyncedDataPlaneCallsAreBuffered) {
+  const std::string state = test::make_temp_dir("auditcore");
+  KmsCoreOptions opts;
+  opts.audit_sync_interval = std::chrono::hours(1);
+  KmsCore core(state, test::open_test_hsm(test::unique_token_label()), system_clock_now, opts);
+  const CallerIdentity me = CallerIdentity::of_this_process();
+  CreateKeyRequest ck;
+  auto key = core.create_key(me, ck);
+  ASSERT_TRUE(key);
+  auto s1 = core.audit_sync_state();
+  EXPECT_EQ(s1.synced, s1.appended) << "CreateKey must be durable before it returns";
+
+  GenerateDataKeyRequest g;
+  g.key_id = key->key_metadata.key_id;
+  g.key_spec = "AES_256";
+  auto dk = core.generate_data_key(me, g);
+  ASSERT_TRUE(dk);
+  DecryptRequest d;
+  d.ciphertext_blob = dk->ciphertext_blob;
+  ASSERT_TRUE(core.decrypt(me, d));
+  auto s2 = core.audit_sync_state();
+  EXPECT_EQ(s2.appended, s1.appended + 2);
+  EXPECT_EQ(s2.synced, s1.synced) << "data-plane records are left to the flusher";
+  // Their records are in the file all the same.
+  const std::string text = test::read_text(state + "/audit.log");
+  EXPECT_NE(text.find("\"eventName\":\"GenerateDataKey\""), std::string::npos);
+  EXPECT_NE(text.find("\"eventName\":\"Decrypt\""), std::string::npos);
+
+  auto dis = core.disable_key(me, json{{"KeyId", key->key_metadata.key_id}});
+  ASSERT_TRUE(dis) << dis.error().to_string();
+  auto s3 = core.audit_sync_state();
+  EXPECT_EQ(s3.synced, s3.appended) << "DisableKey must be durable before it returns";
+}
+
+}  // namespace
+}  // namespace kmsfs::keyclient
