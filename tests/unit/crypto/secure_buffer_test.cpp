@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <memory>
 #include <sstream>
@@ -157,19 +159,22 @@ long locked_kib() {
 TEST(SecureBuffer, LocksItsMemory) {
   long before = locked_kib();
   if (before < 0) GTEST_SKIP() << "no VmLck in /proc/self/status";
-  SecureBuffer a(32);
+  SecureBuffer a(2000);  // the heap path (small ones: SmallBuffersLiveInLockedMemory...)
   long during = locked_kib();
   if (during == before) GTEST_SKIP() << "mlock refused here (RLIMIT_MEMLOCK); best effort by design";
   EXPECT_GT(during, before);
 }
 
 TEST(SecureBuffer, FreeingOneBufferKeepsNeighbourOnSamePageLocked) {
-  // mlock/munlock do not nest: one munlock unlocks the whole page. Two small
-  // secrets sharing a page must stay locked until the last one is freed.
+  // mlock/munlock do not nest: one munlock unlocks the whole page. Two
+  // heap secrets sharing a page must stay locked until the last one is
+  // freed. (Buffers up to 1 KiB live in the always-locked arena; 1100 bytes
+  // take the page-counted heap path.)
+  constexpr std::size_t kSize = 1100;
   const long base = locked_kib();
   if (base < 0) GTEST_SKIP() << "no VmLck in /proc/self/status";
   {
-    SecureBuffer probe(32);
+    SecureBuffer probe(kSize);
     if (locked_kib() == base) GTEST_SKIP() << "mlock refused here; best effort by design";
   }
   const std::uintptr_t kPage = 4096;
@@ -177,14 +182,14 @@ TEST(SecureBuffer, FreeingOneBufferKeepsNeighbourOnSamePageLocked) {
   SecureBuffer* first = nullptr;
   SecureBuffer* second = nullptr;
   for (int i = 0; i < 512 && second == nullptr; ++i) {
-    pool.push_back(std::make_unique<SecureBuffer>(32));
+    pool.push_back(std::make_unique<SecureBuffer>(kSize));
     auto page = reinterpret_cast<std::uintptr_t>(pool.back()->data()) / kPage;
-    auto last = (reinterpret_cast<std::uintptr_t>(pool.back()->data()) + 31) / kPage;
+    auto last = (reinterpret_cast<std::uintptr_t>(pool.back()->data()) + kSize - 1) / kPage;
     if (page != last) continue;
     for (auto& other : pool) {
       if (other.get() == pool.back().get()) continue;
       auto op = reinterpret_cast<std::uintptr_t>(other->data());
-      if (op / kPage == page && (op + 31) / kPage == page) {
+      if (op / kPage == page && (op + kSize - 1) / kPage == page) {
         first = other.get();
         second = pool.back().get();
         break;
@@ -205,6 +210,44 @@ TEST(SecureBuffer, FreeingOneBufferKeepsNeighbourOnSamePageLocked) {
   EXPECT_GT(locked_kib(), base) << "freeing one buffer unlocked its neighbour's page";
   keep_second.reset();
   EXPECT_EQ(locked_kib(), base);
+}
+
+// "Locked:" of the mapping that holds `addr`, in KiB, from /proc/self/smaps.
+long locked_kib_of_mapping(const void* addr) {
+  std::ifstream in("/proc/self/smaps");
+  const auto a = reinterpret_cast<std::uintptr_t>(addr);
+  bool inside = false;
+  for (std::string line; std::getline(in, line);) {
+    unsigned long lo = 0, hi = 0;
+    if (std::sscanf(line.c_str(), "%lx-%lx ", &lo, &hi) == 2 && line.find('-') < 17) {
+      inside = a >= lo && a < hi;
+      continue;
+    }
+    if (inside && line.rfind("Locked:", 0) == 0) return std::stol(line.substr(7));
+  }
+  return -1;
+}
+
+TEST(SecureBuffer, SmallBuffersLiveInLockedMemoryAndAreReused) {
+  {
+    SecureBuffer probe(32);
+    const long locked = locked_kib_of_mapping(probe.data());
+    if (locked < 0) GTEST_SKIP() << "no smaps here";
+    if (locked == 0) GTEST_SKIP() << "mlock refused here (RLIMIT_MEMLOCK); best effort by design";
+    EXPECT_GT(locked, 0);
+  }
+  // Across the size classes: zero-filled, independent, round-trips.
+  for (std::size_t n : {1u, 32u, 64u, 65u, 256u, 257u, 1024u, 1025u}) {
+    SecureBuffer a(n);
+    for (std::size_t i = 0; i < n; ++i) EXPECT_EQ(a.data()[i], 0) << n;
+    std::memset(a.data(), 0xab, n);
+    SecureBuffer b = a.clone();
+    EXPECT_TRUE(a == b);
+    a.clear();
+    SecureBuffer c(n);  // may take a's slot: cleansed, then zero-filled
+    for (std::size_t i = 0; i < n; ++i) ASSERT_EQ(c.data()[i], 0) << n;
+    EXPECT_EQ(b.data()[n - 1], 0xab);
+  }
 }
 
 }  // namespace
