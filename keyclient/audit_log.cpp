@@ -133,18 +133,15 @@ KmsResult<std::vector<std::uint8_t>> AuditLog::mac(const std::string& text) {
   return std::move(*m);
 }
 
-// Under mu_: opens audit.lock once and flocks it; (re)opens the log when it
-// is not open yet or the path now names another file (replaced or removed
-// by an operator). Returns with the flock held; the caller unlocks.
+// Under mu_: opens audit.lock once; (re)opens the log when it is not open
+// yet or the path now names another file (replaced or removed by an
+// operator); then flocks audit.lock. Returns with the flock held only on
+// success; the caller unlocks.
 KmsResult<void> AuditLog::open_locked() {
   if (!lock_fd_.valid()) {
     UniqueFd fd(::open(lock_path_.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
     if (!fd.valid()) return internal("cannot open lock file " + lock_path_ + ": " + errno_text(errno));
     lock_fd_ = std::move(fd);
-  }
-  while (::flock(lock_fd_.get(), LOCK_EX) != 0) {
-    if (errno == EINTR) continue;
-    return internal("cannot lock " + lock_path_ + ": " + errno_text(errno));
   }
   struct stat st {};
   bool reopen = !log_fd_;
@@ -173,6 +170,13 @@ KmsResult<void> AuditLog::open_locked() {
     log_ino_ = static_cast<std::uint64_t>(fst.st_ino);
     log_dev_ = fst.st_dev;
     tail_size_ = -1;  // re-read the tail of the file now open
+  }
+  // Last, so that no error path above returns with the flock held. (The
+  // identity check needs no lock: a replacement between it and the flock
+  // is an operator's doing and is caught by the next append.)
+  while (::flock(lock_fd_.get(), LOCK_EX) != 0) {
+    if (errno == EINTR) continue;
+    return internal("cannot lock " + lock_path_ + ": " + errno_text(errno));
   }
   return {};
 }
@@ -272,6 +276,14 @@ KmsResult<void> AuditLog::append(const json& event, AuditDurability durability) 
                {"eventTime", event.value("eventTime", std::string())},
                {"mac", hex(*m)}});
     }
+    Tail head;
+    if (checkpoint) {
+      // The head for this checkpoint, MACed here so that the flusher that
+      // writes it never touches the HSM. Best effort: the next checkpoint
+      // or the close writes a head anyway.
+      auto hm = mac("kmsfs-audit-head:" + std::to_string(seq) + ":" + hash);
+      if (hm) head = Tail{seq, hash, hex(*hm)};
+    }
     const char* p = out.data();
     std::size_t left = out.size();
     while (left > 0) {
@@ -288,7 +300,10 @@ KmsResult<void> AuditLog::append(const json& event, AuditDurability durability) 
     tail_hash_ = hash;
     tail_ino_ = static_cast<std::uint64_t>(st.st_ino);
     tail_size_ = st.st_size + static_cast<std::int64_t>(out.size());
-    if (checkpoint) head_due_ = true;
+    if (!head.mac.empty()) {
+      pending_head_ = std::move(head);
+      head_due_ = true;
+    }
     number = appended_.fetch_add(1) + 1;
     fd = log_fd_;
     const bool sync_now = durability == AuditDurability::Durable || opts_.sync_interval.count() == 0;
@@ -364,20 +379,38 @@ void AuditLog::flusher_main() {
       if (stop_) return;
       flush_wanted_ = false;
     }
-    auto s = sync();
-    if (!s) {
-      log->error("audit log: buffered records are not durable yet (retried): {}", s.error().message);
-      std::lock_guard<std::mutex> lock(flush_mu_);
-      flush_wanted_ = true;
-      continue;
-    }
-    bool due = false;
+    // The head to write is taken together with the sync's snapshot, so it
+    // names a record that this sync makes durable.
+    std::shared_ptr<UniqueFd> fd;
+    std::uint64_t upto = 0;
+    Tail head;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      due = head_due_;
+      fd = log_fd_;
+      upto = appended_.load();
+      if (head_due_) {
+        head = pending_head_;
+        head_due_ = false;
+      }
     }
-    if (due) {
-      auto w = write_head();
+    if (fd && upto > 0) {
+      auto s = sync_upto(fd, upto);
+      if (!s) {
+        log->error("audit log: buffered records are not durable yet (retried): {}", s.error().message);
+        if (head.seq != 0) {
+          std::lock_guard<std::mutex> lock(mu_);
+          if (!head_due_) {
+            pending_head_ = head;
+            head_due_ = true;
+          }
+        }
+        std::lock_guard<std::mutex> lock(flush_mu_);
+        flush_wanted_ = true;
+        continue;
+      }
+    }
+    if (head.seq != 0) {
+      auto w = write_head_for(head);
       if (!w) log->warn("could not write the audit head (retried at the next checkpoint): {}", w.error().message);
     }
   }
@@ -401,7 +434,7 @@ KmsResult<void> AuditLog::write_head() {
       if (::fstat(log_fd_->get(), &st) != 0) return internal("cannot stat " + path_ + ": " + errno_text(errno));
       if (auto t = load_tail(st); !t) return t;
     }
-    tail = Tail{tail_seq_, tail_hash_};
+    tail = Tail{tail_seq_, tail_hash_, std::string()};
     fd = log_fd_;
     upto = appended_.load();
     head_due_ = false;
@@ -427,9 +460,13 @@ KmsResult<void> AuditLog::write_head_for(const Tail& tail) {
     json h = json::parse(**old, nullptr, false);
     if (!h.is_discarded() && h.value("seq", std::uint64_t{0}) >= tail.seq) return {};
   }
-  auto m = mac("kmsfs-audit-head:" + std::to_string(tail.seq) + ":" + tail.hash);
-  if (!m) return Unexpected<KmsError>(m.error());
-  json head{{"seq", tail.seq}, {"hash", tail.hash}, {"mac", hex(*m)}};
+  std::string mac_hex = tail.mac;
+  if (mac_hex.empty()) {
+    auto m = mac("kmsfs-audit-head:" + std::to_string(tail.seq) + ":" + tail.hash);
+    if (!m) return Unexpected<KmsError>(m.error());
+    mac_hex = hex(*m);
+  }
+  json head{{"seq", tail.seq}, {"hash", tail.hash}, {"mac", mac_hex}};
   auto w = atomic_write_file(head_path_, head.dump() + "\n");
   if (!w) return internal("cannot write " + head_path_ + ": " + w.error());
   return {};

@@ -28,7 +28,8 @@
 // daemon's fork); sync_interval 0 makes every append durable. The head is
 // written by the flusher (and at close) only after the log is synced up to
 // the record it names, so a power loss never leaves a head that is ahead of
-// the log.
+// the log. The flusher never calls the HSM: an appender that writes a
+// checkpoint also MACs the head for it.
 //
 // Thread safety: all methods may be called concurrently. Lock order:
 // mu_ (this process's appenders), then the flock on audit.lock; sync_mu_
@@ -119,6 +120,7 @@ class AuditLog {
   struct Tail {
     std::uint64_t seq = 0;
     std::string hash;
+    std::string mac;  // hex HMAC of the head text; empty = compute it
   };
 
   KmsResult<void> ensure_hmac_key();
@@ -148,7 +150,11 @@ class AuditLog {
   std::uint64_t log_ino_ = 0;
   dev_t log_dev_ = 0;
   UniqueFd lock_fd_;  // audit.lock, flocked for each append
-  bool head_due_ = false;  // a checkpoint was appended since the last head write
+  // A checkpoint was appended since the last head write: pending_head_
+  // (MACed by the appender, so that the flusher never calls the HSM) is
+  // written by the flusher once the log is synced up to it.
+  bool head_due_ = false;
+  Tail pending_head_;
   // The tail as this process last wrote it, valid while the file's identity
   // and size are unchanged.
   std::uint64_t tail_seq_ = 0;

@@ -265,5 +265,40 @@ TEST(KmsCoreAudit, ControlPlaneCallsAreSyncedDataPlaneCallsAreBuffered) {
   EXPECT_EQ(s3.synced, s3.appended) << "DisableKey must be durable before it returns";
 }
 
+// After a checkpoint the flusher writes the head (MACed by the appender, so
+// the flusher never calls the HSM) once the log is synced up to it; at
+// close the head names the last record. `audit verify` checks both.
+TEST(AuditLog, FlusherWritesTheHeadAfterACheckpoint) {
+  const std::string dir = test::make_temp_dir("audit");
+  auto hsm = test::open_test_hsm(test::unique_token_label());
+  AuditLogOptions o;
+  o.checkpoint_every = 8;
+  o.sync_interval = 20ms;
+  {
+    AuditLog log(dir, *hsm, o);
+    for (int i = 0; i < 10; ++i) ASSERT_TRUE(log.append(event("Decrypt", i), AuditDurability::Buffered));
+    const std::string head_path = dir + "/audit.head";
+    const auto deadline = std::chrono::steady_clock::now() + 5s;
+    json head;
+    while (std::chrono::steady_clock::now() < deadline) {
+      if (::access(head_path.c_str(), F_OK) == 0) {
+        head = json::parse(test::read_text(head_path), nullptr, false);
+        if (head.is_object()) break;
+      }
+      std::this_thread::sleep_for(10ms);
+    }
+    ASSERT_TRUE(head.is_object()) << "no head written after a checkpoint";
+    EXPECT_EQ(head["seq"], 8);  // record 7 + its checkpoint (seq 8)
+    EXPECT_GE(log.counters().synced, 7u);
+  }
+  auto head = json::parse(test::read_text(dir + "/audit.head"));
+  EXPECT_EQ(head["seq"], 11);  // 10 records + 1 checkpoint, written at close
+  AuditLog again(dir, *hsm, o);
+  auto v = again.verify();
+  ASSERT_TRUE(v);
+  EXPECT_TRUE(v->ok) << v->problem;
+  EXPECT_EQ(v->checkpoints, 2u);  // the checkpoint record and the head
+}
+
 }  // namespace
 }  // namespace kmsfs::keyclient
