@@ -9,8 +9,8 @@
 // Every `checkpoint_every` records a checkpoint record carries
 // "mac" = HMAC-SHA-256(prevHash) under an HMAC key that lives in the HSM
 // (label kmsfs/audit-hmac); STATE/audit.head holds the newest checkpointed
-// {seq, hash, mac}, rewritten atomically at each checkpoint and when a core
-// closes. So an edited, removed, reordered or truncated record is detected,
+// {seq, hash, mac}, rewritten atomically after each checkpoint (by the
+// flusher, below) and when a core closes. So an edited, removed, reordered or truncated record is detected,
 // even by someone who recomputes the plain hashes after an edit.
 //
 // Several processes may append to one log: each append holds an exclusive
