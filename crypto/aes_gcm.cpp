@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "crypto/openssl_handles.h"
+#include "crypto/secure_buffer.h"
 
 namespace kmsfs::crypto {
 
@@ -28,11 +29,14 @@ const EVP_CIPHER* cipher_for(std::size_t key_size) noexcept {
 // long as the context's own key schedule (which begins with the raw key
 // bytes anyway): until the thread uses another key or exits, when both are
 // cleansed (EVP_CIPHER_CTX_free cleanses the schedule).
+// The copy is a SecureBuffer (locked, out of core dumps) and the context
+// comes from OpenSSL's heap, which the tools route into MADV_DONTDUMP maps
+// (crypto/dontdump_heap.h): neither reaches a core dump.
 struct ThreadCipher {
   EvpCipherCtxPtr ctx{EVP_CIPHER_CTX_new()};
-  std::uint8_t key[32] = {};
+  SecureBuffer key_copy{32};
+  std::uint8_t* key = key_copy.data();
   std::size_t key_size = 0;  // 0 = no key loaded
-  ~ThreadCipher() { OPENSSL_cleanse(key, sizeof key); }
 
   bool holds(std::span<const std::uint8_t> k) const noexcept {
     return key_size != 0 && key_size == k.size() && CRYPTO_memcmp(key, k.data(), k.size()) == 0;
@@ -50,11 +54,12 @@ struct ThreadCipher {
     }
     std::memcpy(key, k.data(), k.size());
     key_size = k.size();
+    scrub_stack();  // the key expansion's temporaries
     return true;
   }
   void forget() noexcept {
     if (key_size == 0) return;
-    OPENSSL_cleanse(key, sizeof key);
+    OPENSSL_cleanse(key, key_copy.size());
     key_size = 0;
   }
 };

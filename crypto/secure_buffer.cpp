@@ -201,4 +201,11 @@ bool SecureBuffer::operator==(const SecureBuffer& o) const {
   return size_ == o.size_ && (size_ == 0 || CRYPTO_memcmp(data_, o.data_, size_) == 0);
 }
 
+__attribute__((noinline)) void scrub_stack() noexcept {
+  volatile std::uint8_t area[16384];
+  OPENSSL_cleanse(const_cast<std::uint8_t*>(area), sizeof area);
+  // Keep the compiler from treating `area` as dead.
+  __asm__ __volatile__("" : : "r"(area) : "memory");
+}
+
 }  // namespace kmsfs::crypto

@@ -56,6 +56,12 @@ class SecureBuffer {
   std::size_t capacity_ = 0;
 };
 
+// Zeroes the 16 KiB of stack below the caller's frame: what functions that
+// returned meanwhile left there (OpenSSL's key set-up, a KMS call) is
+// gone afterwards. Thread stacks are dumpable memory; called after the
+// operations that handle a raw key.
+void scrub_stack() noexcept;
+
 inline std::ostream& operator<<(std::ostream& os, const SecureBuffer&) {
   return os << "<redacted>";
 }

@@ -86,7 +86,7 @@ void EncryptedFile::seal_block(std::uint64_t block, std::span<const std::uint8_t
                                std::uint8_t* stored_out) const {
   std::uint8_t aad[bl::kBlockAadSize];
   block_aad(key_.file_id, block, aad);
-  crypto::random_bytes(std::span(stored_out, bl::kIvSize));
+  crypto::random_public_bytes(std::span(stored_out, bl::kIvSize));  // an IV is public
   if (!crypto::AesGcm::encrypt(key_.dek.span(), std::span(stored_out, bl::kIvSize),
                                std::span(aad, sizeof aad), plain, stored_out + bl::kIvSize,
                                stored_out + bl::kIvSize + plain.size())) {

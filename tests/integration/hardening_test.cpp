@@ -164,7 +164,9 @@ TEST_F(Hardening, ServerWritesNoCoreDump) {
 // would ptrace-stop the FUSE server and deadlock on its own mount). As the
 // kernel does for a dump, mappings marked "dd" (MADV_DONTDUMP, where
 // SecureBuffer keeps keys) are left out; they are returned in `excluded`.
-std::string dumpable_memory(pid_t pid, std::string& excluded) {
+// `where`, if given, gets (offset in the image, smaps line) per mapping.
+std::string dumpable_memory(pid_t pid, std::string& excluded,
+                            std::vector<std::pair<std::size_t, std::string>>* where = nullptr) {
   std::ifstream smaps("/proc/" + std::to_string(pid) + "/smaps");
   int mem = ::open(("/proc/" + std::to_string(pid) + "/mem").c_str(), O_RDONLY | O_CLOEXEC);
   if (mem < 0) return {};
@@ -190,10 +192,15 @@ std::string dumpable_memory(pid_t pid, std::string& excluded) {
       have = false;
     }
   }
-  for (const auto& [r, dd] : ranges) {
+  std::string previous;
+  for (auto& [r, dd] : ranges) {
+    const std::string this_line = r.name;
+    r.name += " [after: " + previous + "]";
+    previous = this_line;
     // Skip what no dump contains: unreadable, the vsyscall page, device maps.
     if (!r.readable || r.name.find("[vvar]") != std::string::npos || r.name.find("[vsyscall]") != std::string::npos) continue;
     std::string& out = dd ? excluded : image;
+    if (!dd && where != nullptr) where->emplace_back(image.size(), r.name);
     std::vector<char> buf(r.hi - r.lo);
     ssize_t n = ::pread(mem, buf.data(), buf.size(), static_cast<off_t>(r.lo));
     if (n > 0) out.append(buf.data(), static_cast<size_t>(n));
@@ -215,7 +222,15 @@ TEST_F(Hardening, ForcedDumpHoldsNoDataKey) {
   ASSERT_EQ(::pread(fd, buf.data(), buf.size(), 0), 100000);  // decrypts: the key is in use
   auto dek = dek_of(only_backing_file());
   std::string excluded;
-  const std::string image = dumpable_memory(m.pid(), excluded);
+  std::vector<std::pair<std::size_t, std::string>> where;
+  const std::string image = dumpable_memory(m.pid(), excluded, &where);
+  auto mapping_of = [&](std::size_t off) {
+    std::string name = "?";
+    for (const auto& [start, line] : where) {
+      if (start <= off) name = line + " (+" + std::to_string(off - start) + ")";
+    }
+    return name;
+  };
   ::close(fd);
   EXPECT_EQ(m.stop(), 0);
   ASSERT_GT(image.size(), 100000U) << "could not read the server's memory";
@@ -224,7 +239,8 @@ TEST_F(Hardening, ForcedDumpHoldsNoDataKey) {
   EXPECT_NE(excluded.find(f[0]), std::string::npos)
       << "the DEK is not in MADV_DONTDUMP memory: the test would prove nothing";
   EXPECT_EQ(image.find(f[0]), std::string::npos)
-      << "the raw DEK is in dumpable memory (outside SecureBuffer: a cipher context, a stray copy)";
+      << "the raw DEK is in dumpable memory (outside SecureBuffer: a cipher context, a stray copy), in "
+      << mapping_of(image.find(f[0]));
   for (size_t i = 1; i < f.size(); ++i) {
     EXPECT_EQ(image.find(f[i]), std::string::npos) << "an encoded DEK is in dumpable memory";
   }
