@@ -258,7 +258,7 @@ KmsCore::Impl::Impl(std::string dir, std::unique_ptr<Hsm> h, Clock c, KmsCoreOpt
       hsm(std::move(h)),
       clock(std::move(c)),
       opts(o),
-      audit(dir, *hsm, AuditLogOptions{o.audit_checkpoint_every, o.audit_sync_interval}),
+      audit(o.audit_dir.empty() ? dir : o.audit_dir, *hsm, AuditLogOptions{o.audit_checkpoint_every, o.audit_sync_interval}),
       log(named_logger("kmsfs.kms")),
       state_dir(dir),
       self_pid(::getpid()) {

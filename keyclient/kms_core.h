@@ -53,6 +53,9 @@ struct KmsCoreOptions {
   // state are fdatasynced before the call returns. 0 = fdatasync every
   // record before its call returns. See docs/kms-api.md, "Audit trail".
   std::chrono::milliseconds audit_sync_interval{100};
+  // Where the audit trail lives (audit.log, audit.head and their locks);
+  // empty = the state dir. kmsd's `audit_log` setting.
+  std::string audit_dir;
 };
 
 class KmsCore {

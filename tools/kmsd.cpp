@@ -175,7 +175,8 @@ int run(int argc, char** argv) {
       ("token-label", po::value<std::string>(&s.token_label)->default_value(s.token_label),
        "HSM token label")
       ("pin-file", po::value<std::string>(&s.pin_file), "HSM user PIN file (mode 0600)")
-      ("audit-log", po::value<std::string>(&s.audit_log), "audit log path (see docs/operations.md)")
+      ("audit-log", po::value<std::string>(&s.audit_log),
+       "directory of the audit trail (audit.log, audit.head), mode 0700; default: the state dir")
       ("threads", po::value<unsigned>(&s.threads)->default_value(s.threads), "worker threads")
       ("request-timeout", po::value<double>(&s.request_timeout)->default_value(s.request_timeout),
        "seconds a client may take to send one request")
@@ -270,11 +271,8 @@ int run(int argc, char** argv) {
       if (::access(p.c_str(), R_OK) == 0) ko.pin_file = p;
     }
   }
+  ko.audit_dir = s.audit_log;
   ko = resolve_kms_options(ko);
-  if (!s.audit_log.empty()) {
-    log->warn("audit_log {}: this build's KMS core keeps its audit trail in its state dir; setting ignored",
-              s.audit_log);
-  }
   // Socket activation (kmsd.socket) or our own socket, bound before the HSM
   // opens (a second kmsd on a live socket stops here); clients that connect
   // meanwhile wait in the backlog, as with socket activation.

@@ -265,6 +265,26 @@ TEST_F(Kmsd, ClientReconnectsAfterKill9AndRestart) {
   EXPECT_TRUE(p->plaintext == dk->plaintext);
 }
 
+// --audit-log DIR: the audit trail lives there, not in the state dir; a
+// directory others may enter is refused at start.
+TEST_F(Kmsd, AuditLogDirectoryIsHonoured) {
+  const std::string audit = root_ + "/audit";
+  start({"--audit-log", audit});
+  const std::string key = new_key();
+  ASSERT_FALSE(key.empty());
+  struct stat st {};
+  ASSERT_EQ(::stat((audit + "/audit.log").c_str(), &st), 0) << "no audit.log in " << audit;
+  EXPECT_EQ(st.st_mode & 077, 0U);
+  const auto bytes = read_file(audit + "/audit.log");
+  const std::string text(bytes.begin(), bytes.end());
+  EXPECT_NE(text.find("CreateKey"), std::string::npos) << text;
+  EXPECT_NE(::stat((kmsd_->state_dir() + "/audit.log").c_str(), &st), 0) << "the state dir got an audit log too";
+  kmsd_.reset();
+  ASSERT_EQ(::chmod(audit.c_str(), 0755), 0);
+  KmsdProcess wide(root_, {"--audit-log", audit});
+  EXPECT_ANY_THROW(wide.start()) << "kmsd started with an audit log directory open to others";
+}
+
 TEST_F(Kmsd, RefusesASocketAnotherDaemonServes) {
   start();
   auto r = run_command({"/usr/bin/env", "-u", "SOFTHSM2_CONF", bin("kmsd"), "--config", "/dev/null", "--state-dir",
