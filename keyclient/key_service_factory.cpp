@@ -7,6 +7,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
 
 #include "keyclient/kms_core.h"
 #include "keyclient/kmsd_client.h"
@@ -42,6 +43,14 @@ KmsOptions resolve_kms_options(KmsOptions opts) {
       opts.audit_sync_interval_ms = (errno != 0 || *end != '\0' || v < 0 || v > 3600000) ? -2 : v;
     }
   }
+  if (opts.audit_sync_plaintext < 0) {
+    const char* e = std::getenv("KMSFS_AUDIT_SYNC_PLAINTEXT");
+    if (e == nullptr || *e == '\0' || std::strcmp(e, "1") == 0) {
+      opts.audit_sync_plaintext = 1;
+    } else {
+      opts.audit_sync_plaintext = std::strcmp(e, "0") == 0 ? 0 : -2;  // -2: reported by make_kms_core
+    }
+  }
   return opts;
 }
 
@@ -51,6 +60,9 @@ KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts) {
   if (o.audit_sync_interval_ms < -1) {
     return kms_error(KmsErrorCode::ValidationException,
                      "KMSFS_AUDIT_SYNC_INTERVAL_MS must be a number of milliseconds from 0 to 3600000");
+  }
+  if (o.audit_sync_plaintext < -1) {
+    return kms_error(KmsErrorCode::ValidationException, "KMSFS_AUDIT_SYNC_PLAINTEXT must be 0 or 1");
   }
   const KmsHomePaths paths = kms_home_paths(o.home);
   if (auto d = ensure_kms_home_dir(paths); !d) return Unexpected<KmsError>(d.error());
@@ -104,6 +116,7 @@ KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts) {
 
   KmsCoreOptions core_opts;
   if (o.audit_sync_interval_ms >= 0) core_opts.audit_sync_interval = std::chrono::milliseconds(o.audit_sync_interval_ms);
+  core_opts.audit_sync_plaintext = o.audit_sync_plaintext != 0;
   if (!o.audit_dir.empty()) {
     auto d = ensure_private_dir(o.audit_dir, "audit log directory", 0700);
     if (!d) return kms_error(KmsErrorCode::KMSInternalException, d.error());

@@ -53,6 +53,13 @@ struct KmsCoreOptions {
   // state are fdatasynced before the call returns. 0 = fdatasync every
   // record before its call returns. See docs/kms-api.md, "Audit trail".
   std::chrono::milliseconds audit_sync_interval{100};
+  // Records of calls whose response carries plaintext (GenerateDataKey,
+  // Decrypt, GenerateRandom) are fdatasynced before that response leaves
+  // the core (concurrent calls share one flush). false: they are written
+  // before the call returns but synced within audit_sync_interval, like the
+  // other data-plane records (faster on a slow disk; a power failure can
+  // lose up to that interval of them).
+  bool audit_sync_plaintext = true;
   // Where the audit trail lives (audit.log, audit.head and their locks);
   // empty = the state dir. kmsd's `audit_log` setting.
   std::string audit_dir;

@@ -9,7 +9,9 @@
 // allowed, denied or failed — written before the response is returned
 // (a response that carries plaintext is refused when it cannot be), and
 // fdatasynced before it returns when the call changes key state
-// (!read_only or Call::durable), else by the audit log's flusher.
+// (!read_only or Call::durable) or its response carries plaintext (unless
+// KmsCoreOptions::audit_sync_plaintext is off), else by the audit log's
+// flusher.
 //
 // Locks: Impl::mu guards wrap_left, last_maintenance and principals; it is
 // never held across file I/O or an HSM call. The KeyStore's flock
@@ -171,7 +173,7 @@ KmsResult<T> KmsCore::Impl::run(const CallerIdentity& caller, const char* operat
     }
   }();
   const KmsError* error = result ? nullptr : &result.error();
-  const bool durable = !call.read_only || call.durable;
+  const bool durable = !call.read_only || call.durable || (call.plaintext && opts.audit_sync_plaintext);
   auto a = audit.append(audit_event(call, error), durable ? AuditDurability::Durable : AuditDurability::Buffered);
   if (!a) {
     log->error("{}: the audit record could not be written: {}", operation, a.error().message);

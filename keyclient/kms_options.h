@@ -29,6 +29,9 @@ struct KmsOptions {
   // -1 = $KMSFS_AUDIT_SYNC_INTERVAL_MS, else the core's default (100 ms);
   // 0 = fdatasync every audit record before its call returns.
   long long audit_sync_interval_ms = -1;
+  // KmsCoreOptions::audit_sync_plaintext: 1 (default) or 0; -1 =
+  // $KMSFS_AUDIT_SYNC_PLAINTEXT, else 1.
+  int audit_sync_plaintext = -1;
   // Directory of the audit trail; empty = the state dir. Created 0700;
   // one open to group or others is refused.
   std::string audit_dir;
