@@ -99,7 +99,9 @@ Filesystem::Filesystem(UniqueFd root_fd, FileKeys& keys, const NameMapper& names
   root_.label = "/";
 }
 
-Filesystem::~Filesystem() = default;
+Filesystem::~Filesystem() {
+  for (std::uint64_t fh : dir_handles_) delete reinterpret_cast<DirHandle*>(fh);
+}
 
 double Filesystem::now_seconds() {
   using namespace std::chrono;
@@ -1000,7 +1002,15 @@ void Filesystem::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   fi->fh = reinterpret_cast<std::uint64_t>(handle.release());
   fi->cache_readdir = 0;
   open_handles_++;
+  {
+    std::lock_guard lock(dir_handles_mu_);
+    dir_handles_.insert(fi->fh);
+  }
   if (fuse_reply_open(req, fi) == -ENOENT) {
+    {
+      std::lock_guard lock(dir_handles_mu_);
+      dir_handles_.erase(fi->fh);
+    }
     std::unique_ptr<DirHandle> d(dir_handle(fi));
     open_handles_--;
   }
@@ -1081,6 +1091,10 @@ void Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
 }
 
 void Filesystem::releasedir(fuse_req_t req, fuse_ino_t, fuse_file_info* fi) {
+  {
+    std::lock_guard lock(dir_handles_mu_);
+    dir_handles_.erase(fi->fh);
+  }
   std::unique_ptr<DirHandle> d(dir_handle(fi));
   d.reset();
   open_handles_--;

@@ -19,6 +19,7 @@
 #include <optional>
 #include <shared_mutex>
 #include <string>
+#include <unordered_set>
 #include <utility>
 
 #include "fs/encrypted_file.h"
@@ -166,6 +167,10 @@ class Filesystem {
 
   std::atomic<double> last_activity_{now_seconds()};
   std::atomic<int> open_handles_{0};
+  // Directory handles not released yet: a RELEASEDIR still queued when the
+  // session ends never arrives, so the destructor frees what is left.
+  std::mutex dir_handles_mu_;
+  std::unordered_set<std::uint64_t> dir_handles_;
   FileKeys& keys_;
   const NameMapper& names_;
   FsSettings settings_;

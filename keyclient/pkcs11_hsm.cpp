@@ -15,6 +15,7 @@
 #include <cstring>
 #include <map>
 #include <mutex>
+#include <shared_mutex>
 #include <optional>
 #include <utility>
 #include <vector>
@@ -206,7 +207,12 @@ struct Pkcs11Hsm::Impl {
   // (handle invalid, closed, device removed) discards that session and the
   // call is retried once on a fresh one.
   template <class Fn>
-  auto with_session(Fn&& fn) -> decltype(fn(CK_SESSION_HANDLE{}));
+  // `changes_objects`: the call creates or destroys token objects. SoftHSM2
+  // rewrites its token files then, and an operation in another session of
+  // this process meanwhile can fail with CKR_GENERAL_ERROR (seen with two
+  // cores creating keys at once): such calls run alone in the process,
+  // every other call shares the lock.
+  auto with_session(Fn&& fn, bool changes_objects = false) -> decltype(fn(CK_SESSION_HANDLE{}));
 };
 
 namespace {
@@ -304,11 +310,21 @@ void Pkcs11Hsm::Impl::release(CK_SESSION_HANDLE s, bool broken) {
 }
 
 template <class Fn>
-auto Pkcs11Hsm::Impl::with_session(Fn&& fn) -> decltype(fn(CK_SESSION_HANDLE{})) {
+auto Pkcs11Hsm::Impl::with_session(Fn&& fn, bool changes_objects) -> decltype(fn(CK_SESSION_HANDLE{})) {
+  // One lock for the whole process: every Pkcs11Hsm of a module shares its
+  // token files.
+  static std::shared_mutex token_objects;
   for (int attempt = 0;; ++attempt) {
     auto s = acquire();
     if (!s) return Unexpected<HsmError>(std::move(s).error());
     Lease lease(*this, *s);
+    std::shared_lock<std::shared_mutex> shared(token_objects, std::defer_lock);
+    std::unique_lock<std::shared_mutex> exclusive(token_objects, std::defer_lock);
+    if (changes_objects) {
+      exclusive.lock();
+    } else {
+      shared.lock();
+    }
     auto r = fn(lease.get());
     if (!r && session_is_broken(static_cast<CK_RV>(r.error().ckr))) {
       lease.mark_broken();
@@ -547,7 +563,7 @@ HsmResult<void> Pkcs11Hsm::generate_aes_key(const std::string& label, std::size_
     }
     log()->debug("generated AES-{} key '{}'", key_bytes * 8, label);
     return {};
-  });
+  }, /*changes_objects=*/true);
 }
 
 HsmResult<bool> Pkcs11Hsm::key_exists(const std::string& label) {
@@ -571,7 +587,7 @@ HsmResult<void> Pkcs11Hsm::destroy_key(const std::string& label) {
     if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_DestroyObject '" + label + "'");
     log()->debug("destroyed key '{}'", label);
     return {};
-  });
+  }, /*changes_objects=*/true);
 }
 
 HsmResult<std::vector<std::uint8_t>> Pkcs11Hsm::encrypt_gcm(const std::string& label,
@@ -782,7 +798,7 @@ HsmResult<void> Pkcs11Hsm::generate_hmac_key(const std::string& label) {
     if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_GenerateKey (generic secret) '" + label + "'");
     log()->debug("generated HMAC key '{}'", label);
     return {};
-  });
+  }, /*changes_objects=*/true);
 }
 
 HsmResult<std::vector<std::uint8_t>> Pkcs11Hsm::hmac_sha256(const std::string& label,
@@ -878,7 +894,7 @@ HsmResult<std::vector<std::uint8_t>> Pkcs11Hsm::generate_rsa_wrapping_key_pair(c
     if (der.empty()) return fail(HsmError::Kind::DeviceError, CKR_OK, "cannot encode the RSA public key as DER");
     log()->debug("generated RSA-{} wrapping key pair '{}'", modulus_bits, label);
     return der;
-  });
+  }, /*changes_objects=*/true);
 }
 
 HsmResult<void> Pkcs11Hsm::unwrap_aes_key_rsa_oaep_sha256(const std::string& wrapping_label,
@@ -973,7 +989,7 @@ HsmResult<void> Pkcs11Hsm::unwrap_aes_key_rsa_oaep_sha256(const std::string& wra
     if (rv != CKR_OK) return fail(kind_for(rv), rv, "C_CreateObject (imported AES key) '" + new_label + "'");
     log()->debug("imported key '{}' (OAEP decoded outside the token)", new_label);
     return {};
-  });
+  }, /*changes_objects=*/true);
 }
 
 HsmResult<void> Pkcs11Hsm::destroy_objects(const std::string& label) {
@@ -987,7 +1003,7 @@ HsmResult<void> Pkcs11Hsm::destroy_objects(const std::string& label) {
     }
     if (!all->empty()) log()->debug("destroyed {} object(s) labelled '{}'", all->size(), label);
     return {};
-  });
+  }, /*changes_objects=*/true);
 }
 
 }  // namespace kmsfs::keyclient
