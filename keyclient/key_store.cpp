@@ -223,17 +223,9 @@ KmsResult<std::optional<KeyRecord>> KeyStore::load_key(const std::string& key_id
   // The stamp of the file actually read (it may have been replaced since
   // the stat above).
   if (::fstat(fd.get(), &st) != 0) return internal("cannot stat " + path + ": " + errno_text(errno));
-  std::string text;
-  char buf[8192];
-  for (;;) {
-    ssize_t n = ::read(fd.get(), buf, sizeof buf);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return internal("cannot read key record " + path + ": " + errno_text(errno));
-    }
-    if (n == 0) break;
-    text.append(buf, static_cast<std::size_t>(n));
-  }
+  auto read = read_fd_text(fd.get(), "key record " + path);
+  if (!read) return internal(read.error());
+  const std::string& text = *read;
   auto rec = key_record_from_json(text);
   if (!rec) return internal("key record " + path + " is malformed: " + rec.error());
   if (rec->metadata.key_id != key_id) {
@@ -290,17 +282,9 @@ KmsResult<std::vector<AliasRecord>> KeyStore::load_aliases() const {
     return internal("cannot open alias file " + path + ": " + errno_text(errno));
   }
   if (::fstat(fd.get(), &st) != 0) return internal("cannot stat " + path + ": " + errno_text(errno));
-  std::string text;
-  char buf[8192];
-  for (;;) {
-    ssize_t n = ::read(fd.get(), buf, sizeof buf);
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return internal("cannot read alias file " + path + ": " + errno_text(errno));
-    }
-    if (n == 0) break;
-    text.append(buf, static_cast<std::size_t>(n));
-  }
+  auto read = read_fd_text(fd.get(), "alias file " + path);
+  if (!read) return internal(read.error());
+  const std::string& text = *read;
   std::vector<AliasRecord> out;
   try {
     json j = json::parse(text);

@@ -117,18 +117,24 @@ Result<std::optional<std::string>, std::string> read_file_if_exists(const std::s
     if (errno == ENOENT) return std::optional<std::string>();
     return unexpected("cannot open " + path + ": " + errno_text(errno));
   }
+  auto text = read_fd_text(fd.get(), path);
+  if (!text) return unexpected(text.error());
+  return std::optional<std::string>(std::move(*text));
+}
+
+Result<std::string, std::string> read_fd_text(int fd, const std::string& what) {
   std::string out;
   char buf[8192];
   for (;;) {
-    ssize_t n = ::read(fd.get(), buf, sizeof buf);
+    ssize_t n = ::read(fd, buf, sizeof buf);
     if (n < 0) {
       if (errno == EINTR) continue;
-      return unexpected("cannot read " + path + ": " + errno_text(errno));
+      return unexpected("cannot read " + what + ": " + errno_text(errno));
     }
     if (n == 0) break;
     out.append(buf, static_cast<std::size_t>(n));
   }
-  return std::optional<std::string>(std::move(out));
+  return out;
 }
 
 Result<void, std::string> ensure_private_dir(const std::string& path, const std::string& what,

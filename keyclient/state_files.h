@@ -74,6 +74,8 @@ Result<void, std::string> atomic_write_file(const std::string& path, const std::
 // Reads a whole (small) file. A missing file gives std::nullopt, not an
 // error.
 Result<std::optional<std::string>, std::string> read_file_if_exists(const std::string& path);
+// Reads `fd` from its offset to the end; errors name `what` (a path).
+Result<std::string, std::string> read_fd_text(int fd, const std::string& what);
 
 Result<void, std::string> fsync_dir(const std::string& dir);
 
