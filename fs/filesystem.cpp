@@ -57,6 +57,8 @@ void guarded(fuse_req_t req, const char* op, F&& f) noexcept {
     logger()->error("internal error in {}", op);
     fuse_reply_err(req, EIO);
   }
+  // Zeroes what the request left below this frame: a KMS call's or a key
+  // expansion's copies of a key on this thread's (dumpable) stack.
   crypto::scrub_stack();
 }
 
@@ -619,7 +621,6 @@ Result<std::shared_ptr<const FileKey>, int> Filesystem::load_key(Inode& inode, i
     return unexpected(EIO);
   }
   auto key = keys_.open(*header, label);  // no lock held across the KMS call
-  crypto::scrub_stack();  // what the KMS call and the unwrap left below us
   if (!key) return unexpected(key.error());
   auto shared = std::make_shared<const FileKey>(std::move(*key));
   std::lock_guard lock(inode.state_mutex);
@@ -707,7 +708,6 @@ int Filesystem::prepare_new_key(Inode& inode) {
     label = "'" + inode.label + "' (backing inode " + std::to_string(inode.ino) + ")";
   }
   auto nf = keys_.create(label);
-  crypto::scrub_stack();  // what the KMS call left below us
   if (!nf) return nf.error();
   auto fresh = std::make_shared<FileKeys::NewFile>(std::move(*nf));
   std::lock_guard sl(inode.state_mutex);

@@ -20,6 +20,12 @@ using nlohmann::json;
 
 namespace {
 
+// Releases the flock open_locked() took on audit.lock.
+struct FlockRelease {
+  int fd;
+  ~FlockRelease() { (void)::flock(fd, LOCK_UN); }
+};
+
 const std::string kZeroHash(64, '0');
 constexpr const char* kHashField = ",\"hash\":\"";
 
@@ -235,11 +241,7 @@ KmsResult<void> AuditLog::append(const json& event, AuditDurability durability) 
     std::lock_guard<std::mutex> lock(mu_);
     auto opened = open_locked();
     if (!opened) return opened;
-    // The flock is released on every path out of this block.
-    struct Unlock {
-      int fd;
-      ~Unlock() { (void)::flock(fd, LOCK_UN); }
-    } unlock{lock_fd_.get()};
+    const FlockRelease unlock{lock_fd_.get()};  // on every path out of this block
 
     struct stat st {};
     if (::fstat(log_fd_->get(), &st) != 0) return internal("cannot stat " + path_ + ": " + errno_text(errno));
@@ -426,10 +428,7 @@ KmsResult<void> AuditLog::write_head() {
       // Nothing appended by this object: read the file's tail.
       auto opened = open_locked();
       if (!opened) return opened;
-      struct Unlock {
-        int fd;
-        ~Unlock() { (void)::flock(fd, LOCK_UN); }
-      } unlock{lock_fd_.get()};
+      const FlockRelease unlock{lock_fd_.get()};
       struct stat st {};
       if (::fstat(log_fd_->get(), &st) != 0) return internal("cannot stat " + path_ + ": " + errno_text(errno));
       if (auto t = load_tail(st); !t) return t;

@@ -1,7 +1,6 @@
 // Implements keyclient/kms_options.h: the one place that turns --kms,
 // KMSFS_HOME, --pkcs11-module and --pin-file into a KeyService.
 
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -120,11 +119,6 @@ KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts) {
   if (!o.audit_dir.empty()) {
     auto d = ensure_private_dir(o.audit_dir, "audit log directory", 0700);
     if (!d) return kms_error(KmsErrorCode::KMSInternalException, d.error());
-    struct stat st {};
-    if (::stat(o.audit_dir.c_str(), &st) == 0 && (st.st_mode & 077) != 0) {
-      return kms_error(KmsErrorCode::KMSInternalException,
-                       "audit log directory " + o.audit_dir + " is open to group or others; chmod 700 it");
-    }
     core_opts.audit_dir = o.audit_dir;
   }
   auto core = std::make_unique<KmsCore>(paths.home, std::move(hsm), system_clock_now, core_opts);

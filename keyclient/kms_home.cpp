@@ -3,12 +3,8 @@
 #include <pwd.h>
 #include <unistd.h>
 
-#include <sys/stat.h>
-
 #include <cerrno>
-#include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <vector>
 
 #include "crypto/random.h"
@@ -46,37 +42,15 @@ std::string default_kms_home() {
   return home + "/.local/share/kmsfs";
 }
 
-namespace {
-
-// The state dir holds the PIN, the key records and the audit log: nobody
-// but its owner may even list it (0700). ensure_private_dir refuses a dir
-// others can write; a dir they can read or enter is refused here.
-KmsResult<void> refuse_readable_by_others(const std::string& path, const std::string& what) {
-  struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) {
-    return startup_error("cannot stat " + what + " " + path + ": " + std::strerror(errno));
-  }
-  if ((st.st_mode & 077) != 0) {
-    char mode[8];
-    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
-    return startup_error(what + " " + path + " is open to group or others (mode " + mode +
-                         "; it must be 0700): refusing to keep key state there; chmod 700 it");
-  }
-  return {};
-}
-
-}  // namespace
-
 KmsResult<void> ensure_kms_home_dir(const KmsHomePaths& paths) {
   auto r = ensure_private_dir(paths.home, "KMS home", 0700);
   if (!r) return startup_error(r.error());
-  return refuse_readable_by_others(paths.home, "KMS home");
+  return {};
 }
 
 KmsResult<void> write_softhsm_conf(const KmsHomePaths& paths) {
   auto t = ensure_private_dir(paths.tokens, "SoftHSM token directory", 0700);
   if (!t) return startup_error(t.error());
-  if (auto o = refuse_readable_by_others(paths.tokens, "SoftHSM token directory"); !o) return o;
   auto existing = read_file_if_exists(paths.softhsm_conf);
   if (!existing) return startup_error(existing.error());
   const std::string marker = "# Written by kmsfs for its embedded KMS";

@@ -161,9 +161,12 @@ Result<void, std::string> ensure_private_dir(const std::string& path, const std:
                       ", not by this user (uid " + std::to_string(::geteuid()) +
                       "); refusing to keep key state there");
   }
-  if ((st.st_mode & 022) != 0) {
-    return unexpected(what + " " + path + " is writable by group or others (mode " +
-                      mode_octal(st.st_mode) + "); chmod 700 it");
+  // Group and others get nothing `mode` does not grant them: a key state
+  // dir they could list or enter (0755) is refused like a writable one.
+  if ((st.st_mode & ~mode & 077) != 0) {
+    const char* how = (st.st_mode & ~mode & 022) != 0 ? "writable" : "readable";
+    return unexpected(what + " " + path + " is " + how + " by group or others (mode " + mode_octal(st.st_mode) +
+                      "); refusing to keep key state there: chmod it to " + mode_octal(mode));
   }
   return {};
 }
