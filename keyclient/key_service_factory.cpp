@@ -86,12 +86,20 @@ KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts) {
         return kms_error(KmsErrorCode::KMSInternalException, "cannot set SOFTHSM2_CONF: " + errno_text(errno));
       }
     }
+    // SoftHSM2 keeps its tokens in HOME/tokens (the conf above): guard
+    // their token.object files against a process killed mid-login.
+    const char* conf_env = std::getenv("SOFTHSM2_CONF");
+    const bool our_tokendir = default_module && conf_env != nullptr && paths.softhsm_conf == conf_env;
+    if (our_tokendir) {
+      if (auto r = restore_softhsm_token_objects(paths); !r) return Unexpected<KmsError>(r.error());
+    }
     if (default_pin) {
       if (auto c = create_pin_file_if_missing(paths.pin); !c) return Unexpected<KmsError>(c.error());
     }
     if (own_token) {
       if (auto c = create_pin_file_if_missing(paths.so_pin); !c) return Unexpected<KmsError>(c.error());
     }
+    const std::size_t records = count_key_records(paths);
     Pkcs11Config cfg;
     cfg.module_path = o.pkcs11_module;
     cfg.token_label = o.token_label;
@@ -102,15 +110,26 @@ KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts) {
       auto so = load_pin(paths.so_pin);
       if (!so) return Unexpected<KmsError>(std::move(so).error());
       cfg.so_pin_for_init = std::move(*so);
-      cfg.init_token_if_missing = true;
+      // A home that holds key records had its token: a new, empty one
+      // would orphan every key, so it is never created over them.
+      cfg.init_token_if_missing = records == 0;
     }
+    if (our_tokendir) cfg.sync_dir = paths.tokens;
     auto opened = Pkcs11Hsm::open(std::move(cfg));
     if (!opened) {
       std::string msg = "cannot open the HSM token '" + o.token_label + "': " + opened.error().message;
+      if (own_token && records != 0) {
+        msg += " (" + paths.home + "/keys holds " + std::to_string(records) +
+               " key records, so no new token is created: that would orphan every key; restore " + paths.tokens +
+               " from a backup)";
+      }
       log->error("{}", msg);
       return kms_error(KmsErrorCode::KeyUnavailableException, std::move(msg));
     }
     hsm = std::move(*opened);
+    if (our_tokendir) {
+      if (auto b = backup_softhsm_token_objects(paths, o.token_label); !b) return Unexpected<KmsError>(b.error());
+    }
   }  // the init lock is released before the core takes it for its own writes
 
   KmsCoreOptions core_opts;

@@ -1,10 +1,14 @@
 #include "keyclient/kms_home.h"
 
+#include <dirent.h>
 #include <pwd.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdlib>
+#include <memory>
 #include <vector>
 
 #include "crypto/random.h"
@@ -18,7 +22,88 @@ Unexpected<KmsError> startup_error(std::string msg) {
   named_logger("kmsfs.kms")->error("{}", msg);
   return kms_error(KmsErrorCode::KMSInternalException, std::move(msg));
 }
+
+// The subdirectories of `dir` (SoftHSM2 token directories are named by
+// UUID); a missing `dir` has none.
+KmsResult<std::vector<std::string>> subdirectories(const std::string& dir) {
+  std::vector<std::string> out;
+  std::unique_ptr<DIR, int (*)(DIR*)> d(::opendir(dir.c_str()), ::closedir);
+  if (!d) {
+    if (errno == ENOENT) return out;
+    return startup_error("cannot list " + dir + ": " + errno_text(errno));
+  }
+  while (const dirent* e = ::readdir(d.get())) {
+    const std::string name = e->d_name;
+    if (name == "." || name == "..") continue;
+    struct stat st {};
+    const std::string path = dir + "/" + name;
+    if (::lstat(path.c_str(), &st) == 0 && S_ISDIR(st.st_mode)) out.push_back(path);
+  }
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+constexpr const char* kTokenObject = "/token.object";
+constexpr const char* kTokenObjectBackup = "/token.object.kmsfs-backup";
 }  // namespace
+
+KmsResult<int> restore_softhsm_token_objects(const KmsHomePaths& paths) {
+  auto dirs = subdirectories(paths.tokens);
+  if (!dirs) return Unexpected<KmsError>(std::move(dirs).error());
+  int restored = 0;
+  for (const auto& dir : *dirs) {
+    auto backup = read_file_if_exists(dir + kTokenObjectBackup);
+    if (!backup) return startup_error(backup.error());
+    if (!*backup || (*backup)->empty()) continue;
+    auto live = read_file_if_exists(dir + kTokenObject);
+    if (!live) return startup_error(live.error());
+    if (*live && (*live)->size() >= (*backup)->size()) continue;
+    auto w = atomic_write_file(dir + kTokenObject, **backup, 0600);
+    if (!w) return startup_error("cannot restore " + dir + kTokenObject + ": " + w.error());
+    named_logger("kmsfs.kms")
+        ->warn("restored {}{} from its backup: it was {} (SoftHSM2 was stopped while rewriting it)", dir,
+               kTokenObject, *live ? "cut short" : "missing");
+    ++restored;
+  }
+  return restored;
+}
+
+KmsResult<int> backup_softhsm_token_objects(const KmsHomePaths& paths, const std::string& token_label) {
+  // SoftHSM2 stores the label as a 32-byte, blank-padded string.
+  std::string padded = token_label.substr(0, 32);
+  padded.resize(32, ' ');
+  auto dirs = subdirectories(paths.tokens);
+  if (!dirs) return Unexpected<KmsError>(std::move(dirs).error());
+  int written = 0;
+  for (const auto& dir : *dirs) {
+    auto live = read_file_if_exists(dir + kTokenObject);
+    if (!live) return startup_error(live.error());
+    if (!*live || (*live)->find(padded) == std::string::npos) continue;
+    auto backup = read_file_if_exists(dir + kTokenObjectBackup);
+    if (!backup) return startup_error(backup.error());
+    if (*backup && **backup == **live) continue;
+    // Never replace a copy with a shorter file: that is the damage the copy
+    // is there to undo.
+    if (*backup && (*live)->size() < (*backup)->size()) continue;
+    auto w = atomic_write_file(dir + kTokenObjectBackup, **live, 0600);
+    if (!w) return startup_error("cannot back up " + dir + kTokenObject + ": " + w.error());
+    ++written;
+  }
+  return written;
+}
+
+std::size_t count_key_records(const KmsHomePaths& paths) {
+  std::size_t n = 0;
+  std::unique_ptr<DIR, int (*)(DIR*)> d(::opendir((paths.home + "/keys").c_str()), ::closedir);
+  if (!d) return 0;
+  while (const dirent* e = ::readdir(d.get())) {
+    const std::string name = e->d_name;
+    // KEYID.json (36-character key id); temp files of interrupted writers
+    // carry a longer suffix.
+    if (name.size() == 41 && name.compare(36, 5, ".json") == 0) ++n;
+  }
+  return n;
+}
 
 KmsHomePaths kms_home_paths(const std::string& home) {
   std::string h = home;

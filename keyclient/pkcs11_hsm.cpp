@@ -1,16 +1,19 @@
 #include "keyclient/pkcs11_hsm.h"
 
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <openssl/core_names.h>
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 #include <openssl/param_build.h>
 #include <openssl/x509.h>
 #include <p11-kit/pkcs11.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <condition_variable>
+#include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <map>
@@ -178,6 +181,7 @@ struct Pkcs11Hsm::Impl {
   std::string token_label;
   crypto::SecureBuffer user_pin;
   std::size_t max_sessions = 4;
+  std::string sync_dir;  // Pkcs11Config::sync_dir
 
   // Keeps the token logged in (closing a token's last session logs it out).
   // Written only by open() and the destructor.
@@ -198,6 +202,8 @@ struct Pkcs11Hsm::Impl {
   void release(CK_SESSION_HANDLE s, bool broken);
 
   HsmResult<CK_OBJECT_HANDLE> find_key(CK_SESSION_HANDLE s, const std::string& label, bool use_cache);
+  // syncfs(2) of sync_dir's filesystem (no-op when unset).
+  HsmResult<void> sync_token_files();
   void forget(const std::string& label) {
     std::lock_guard<std::mutex> lock(cache_mu);
     handles.erase(label);
@@ -333,8 +339,24 @@ auto Pkcs11Hsm::Impl::with_session(Fn&& fn, bool changes_objects) -> decltype(fn
         continue;
       }
     }
+    if (r && changes_objects) {
+      if (auto synced = sync_token_files(); !synced) return Unexpected<HsmError>(std::move(synced).error());
+    }
     return r;
   }
+}
+
+HsmResult<void> Pkcs11Hsm::Impl::sync_token_files() {
+  if (sync_dir.empty()) return {};
+  const int fd = ::open(sync_dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (fd < 0 || ::syncfs(fd) != 0) {
+    const int err = errno;
+    if (fd >= 0) ::close(fd);
+    return fail(HsmError::Kind::DeviceError, CKR_OK,
+                "cannot sync the token directory " + sync_dir + ": " + std::strerror(err));
+  }
+  ::close(fd);
+  return {};
 }
 
 HsmResult<CK_OBJECT_HANDLE> Pkcs11Hsm::Impl::find_key(CK_SESSION_HANDLE s, const std::string& label,
@@ -433,6 +455,7 @@ HsmResult<std::unique_ptr<Pkcs11Hsm>> Pkcs11Hsm::open(Pkcs11Config config) {
   }
   if (config.user_pin.empty()) return fail(HsmError::Kind::InvalidArgument, CKR_OK, "user PIN is empty");
   impl->token_label = config.token_label;
+  impl->sync_dir = config.sync_dir;
   impl->max_sessions = config.max_sessions == 0 ? 1 : config.max_sessions;
 
   ::dlerror();

@@ -25,6 +25,12 @@ struct Pkcs11Config {
   crypto::SecureBuffer so_pin_for_init;
   bool init_token_if_missing = false;
   std::size_t max_sessions = 4;
+  // When set (the module's token directory, for a file-backed token such as
+  // SoftHSM2's), the filesystem holding it is synced (syncfs) after every
+  // call that creates or destroys a token object, before the call returns:
+  // SoftHSM2 never fsyncs, and the KMS core records a new key version only
+  // once the HSM returned, so the object must be durable first.
+  std::string sync_dir;
 };
 
 class Pkcs11Hsm final : public Hsm {
