@@ -110,6 +110,7 @@ struct GenerateDataKeyRequest {
   EncryptionContext encryption_context;
   std::optional<std::string> key_spec;   // AES_256 | AES_128
   std::optional<int> number_of_bytes;    // 1..1024
+  std::vector<std::string> grant_tokens;  // GrantTokens: each must name a grant
 };
 struct GenerateDataKeyResponse {
   std::string key_id;  // ARN of the key that wrapped it
@@ -122,6 +123,7 @@ struct DecryptRequest {
   EncryptionContext encryption_context;
   std::optional<std::string> key_id;  // if set, must name the blob's key
   std::string encryption_algorithm = "SYMMETRIC_DEFAULT";
+  std::vector<std::string> grant_tokens;
 };
 struct DecryptResponse {
   std::string key_id;  // ARN
@@ -134,6 +136,7 @@ struct EncryptRequest {
   crypto::SecureBuffer plaintext;  // 1..4096 bytes
   EncryptionContext encryption_context;
   std::string encryption_algorithm = "SYMMETRIC_DEFAULT";
+  std::vector<std::string> grant_tokens;
 };
 struct EncryptResponse {
   std::string key_id;  // ARN

@@ -359,6 +359,7 @@ KmsResult<json> KmsCore::Impl::run_json(const CallerIdentity& caller, const char
   return run<json>(caller, operation, read_only, [&](Call& call) -> KmsResult<json> {
     call.params = audit_params(req);
     if (!req.is_object()) return err(KmsErrorCode::ValidationException, "the request body must be a JSON object");
+    if (auto t = set_grant_tokens(call, opt_str_list(req, "GrantTokens")); !t) return Unexpected<KmsError>(t.error());
     return fn(call);
   });
 }
@@ -517,9 +518,43 @@ KmsResult<void> KmsCore::Impl::add_version(KeyRecord& rec, const char* rotation_
 // ---------------------------------------------------------------------------
 // Impl: authorisation and key states
 
+KmsResult<void> KmsCore::Impl::set_grant_tokens(Call& call, std::vector<std::string> tokens) {
+  if (tokens.size() > 10) return err(KmsErrorCode::ValidationException, "GrantTokens may hold at most 10 tokens");
+  for (const auto& t : tokens) {
+    if (t.empty() || t.size() > 8192) {
+      return err(KmsErrorCode::ValidationException, "each of GrantTokens must be 1 to 8192 characters");
+    }
+  }
+  call.grant_tokens = std::move(tokens);
+  return {};
+}
+
+bool KmsCore::Impl::grant_token_exists(const std::string& token) {
+  auto ids = store.list_key_ids();
+  if (!ids) return false;
+  for (const auto& id : *ids) {
+    auto r = store.load_key(id);
+    if (!r || !*r) continue;
+    for (const auto& g : (*r)->grants) {
+      if (g.grant_token == token) return true;
+    }
+  }
+  return false;
+}
+
 KmsResult<void> KmsCore::Impl::authorize(Call& call, const KeyRecord& rec, const std::string& action,
                                          const EncryptionContext* ctx) {
   call.add_resource(rec.metadata.arn);
+  // Grants act at once here, so a token only has to be genuine: one that
+  // names a grant of this key, or (ReEncrypt's other key) of another key.
+  for (const auto& t : call.grant_tokens) {
+    const bool here = std::any_of(rec.grants.begin(), rec.grants.end(),
+                                  [&](const Grant& g) { return g.grant_token == t; });
+    if (!here && !grant_token_exists(t)) {
+      return err(KmsErrorCode::InvalidGrantTokenException,
+                 "a grant token of the request names no grant (retired, revoked or never issued)");
+    }
+  }
   PolicyRequest pr{action, rec.metadata.arn, &call.principal, ctx};
   const PolicyDecision d = evaluate_key_policy(rec.policy, pr);
   const std::string who = "uid:" + std::to_string(call.caller.uid) +
@@ -1085,6 +1120,9 @@ KmsResult<GenerateDataKeyResponse> KmsCore::generate_data_key(const CallerIdenti
                                              [&](Call& call) -> KmsResult<GenerateDataKeyResponse> {
                                                call.params = Impl::audit_params(json(req));
                                                call.plaintext = true;
+                                               if (auto t = Impl::set_grant_tokens(call, req.grant_tokens); !t) {
+                                                 return Unexpected<KmsError>(t.error());
+                                               }
                                                return generate_data_key_in(*impl_, call, req, "GenerateDataKey");
                                              });
 }
@@ -1108,6 +1146,7 @@ KmsResult<DecryptResponse> KmsCore::decrypt(const CallerIdentity& caller, const 
                    {"encryptionAlgorithm", req.encryption_algorithm}};
     if (req.key_id) call.params["keyId"] = *req.key_id;
     call.plaintext = true;
+    if (auto t = Impl::set_grant_tokens(call, req.grant_tokens); !t) return Unexpected<KmsError>(t.error());
     if (auto a = validate_algorithm(req.encryption_algorithm); !a) return Unexpected<KmsError>(a.error());
     if (auto c = validate_context(req.encryption_context); !c) return Unexpected<KmsError>(c.error());
     KeyRecord rec;
@@ -1123,6 +1162,7 @@ KmsResult<EncryptResponse> KmsCore::encrypt(const CallerIdentity& caller, const 
     call.params = {{"keyId", req.key_id},
                    {"encryptionContext", context_json(req.encryption_context)},
                    {"encryptionAlgorithm", req.encryption_algorithm}};
+    if (auto t = Impl::set_grant_tokens(call, req.grant_tokens); !t) return Unexpected<KmsError>(t.error());
     if (auto a = validate_algorithm(req.encryption_algorithm); !a) return Unexpected<KmsError>(a.error());
     if (req.plaintext.empty() || req.plaintext.size() > CiphertextBlob::kMaxPlaintext) {
       return err(KmsErrorCode::ValidationException, "Plaintext must be 1 to 4096 bytes");

@@ -459,7 +459,6 @@ KmsResult<json> KmsCore::create_grant(const CallerIdentity& caller, const json& 
     g.retiring_principal = opt_str(body, "RetiringPrincipal").value_or("");
     g.operations = opt_str_list(body, "Operations");
     g.name = opt_str(body, "Name").value_or("");
-    (void)opt_str_list(body, "GrantTokens");  // grants take effect at once here
     for (const std::string* p : {&g.grantee_principal, &g.retiring_principal}) {
       if (p->empty() && p == &g.retiring_principal) continue;
       if (!is_local_principal(*p) || *p == "*") {

@@ -81,6 +81,9 @@ struct Call {
   // fdatasync the record before returning even though read_only (a call
   // that changes state the AWS API calls read-only, e.g. an import token).
   bool durable = false;
+  // GrantTokens of the request: each must name a grant on a key the call
+  // uses (or, for a call using two keys, on either), checked by authorize().
+  std::vector<std::string> grant_tokens{};
   void add_resource(const std::string& arn);
 };
 
@@ -134,6 +137,10 @@ struct KmsCore::Impl {
   // --- authorisation and state
   KmsResult<void> authorize(Call& call, const KeyRecord& rec, const std::string& action,
                             const EncryptionContext* ctx);
+  // Sets call.grant_tokens after AWS's limits (at most 10, 1-8192 chars).
+  static KmsResult<void> set_grant_tokens(Call& call, std::vector<std::string> tokens);
+  // Whether any key's grants include `token`.
+  bool grant_token_exists(const std::string& token);
   static StateRule state_rule(const std::string& operation, const std::string& state);
   static KmsResult<void> check_state(const KeyRecord& rec, const std::string& operation);
   KmsResult<void> check_not_managed(const KeyRecord& rec, const std::string& operation) const;

@@ -27,6 +27,11 @@ void put_opt(json& j, const char* name, const std::optional<T>& v) {
   if (v) j[name] = *v;
 }
 
+// Lists AWS omits when empty.
+void put_list(json& j, const char* name, const std::vector<std::string>& v) {
+  if (!v.empty()) j[name] = v;
+}
+
 std::string b64(std::span<const std::uint8_t> b) { return crypto::to_base64(b); }
 
 Bytes bytes_from_b64(const json& j, const char* name) {
@@ -188,12 +193,14 @@ void to_json(json& j, const GenerateDataKeyRequest& v) {
   j = json{{"KeyId", v.key_id}, {"EncryptionContext", v.encryption_context}};
   put_opt(j, "KeySpec", v.key_spec);
   put_opt(j, "NumberOfBytes", v.number_of_bytes);
+  put_list(j, "GrantTokens", v.grant_tokens);
 }
 void from_json(const json& j, GenerateDataKeyRequest& v) {
   j.at("KeyId").get_to(v.key_id);
   get_opt(j, "EncryptionContext", v.encryption_context);
   get_opt(j, "KeySpec", v.key_spec);
   get_opt(j, "NumberOfBytes", v.number_of_bytes);
+  get_opt(j, "GrantTokens", v.grant_tokens);
 }
 void to_json(json& j, const GenerateDataKeyResponse& v) {
   j = json{{"CiphertextBlob", b64(v.ciphertext_blob)}, {"Plaintext", b64(v.plaintext.span())},
@@ -210,12 +217,14 @@ void to_json(json& j, const DecryptRequest& v) {
            {"EncryptionContext", v.encryption_context},
            {"EncryptionAlgorithm", v.encryption_algorithm}};
   put_opt(j, "KeyId", v.key_id);
+  put_list(j, "GrantTokens", v.grant_tokens);
 }
 void from_json(const json& j, DecryptRequest& v) {
   v.ciphertext_blob = bytes_from_b64(j, "CiphertextBlob");
   get_opt(j, "EncryptionContext", v.encryption_context);
   get_opt(j, "KeyId", v.key_id);
   get_opt(j, "EncryptionAlgorithm", v.encryption_algorithm);
+  get_opt(j, "GrantTokens", v.grant_tokens);
 }
 void to_json(json& j, const DecryptResponse& v) {
   j = json{{"KeyId", v.key_id},
@@ -233,12 +242,14 @@ void to_json(json& j, const EncryptRequest& v) {
            {"Plaintext", b64(v.plaintext.span())},
            {"EncryptionContext", v.encryption_context},
            {"EncryptionAlgorithm", v.encryption_algorithm}};
+  put_list(j, "GrantTokens", v.grant_tokens);
 }
 void from_json(const json& j, EncryptRequest& v) {
   j.at("KeyId").get_to(v.key_id);
   v.plaintext = secret_from_b64(j, "Plaintext");
   get_opt(j, "EncryptionContext", v.encryption_context);
   get_opt(j, "EncryptionAlgorithm", v.encryption_algorithm);
+  get_opt(j, "GrantTokens", v.grant_tokens);
 }
 void to_json(json& j, const EncryptResponse& v) {
   j = json{{"CiphertextBlob", b64(v.ciphertext_blob)},

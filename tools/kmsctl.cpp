@@ -170,7 +170,7 @@ std::vector<Command> commands() {
   const Opt ctx{"encryption-context", "EncryptionContext", Arg::Context, false,
                 "KEY=VALUE[,KEY=VALUE] ... (or a JSON object); must match at decrypt"};
   const Opt alg{"encryption-algorithm", "EncryptionAlgorithm", Arg::String, false, "SYMMETRIC_DEFAULT"};
-  const Opt tokens{"grant-tokens", "GrantTokens", Arg::StringList, false, "grant tokens (accepted; grants act at once)"};
+  const Opt tokens{"grant-tokens", "GrantTokens", Arg::StringList, false, "tokens from create-grant; each must name a live grant (grants act at once here)"};
   return {
       {"create-key", "CreateKey", "Creates a customer managed AES-256 key (generated in the HSM, or EXTERNAL).",
        {{"description", "Description", Arg::String, false, "description of the key"},

@@ -391,6 +391,38 @@ TEST_F(KmsLifecycleTest, GrantsAddPermissionsWithConstraints) {
             KmsErrorCode::AccessDeniedException);
 }
 
+// GrantTokens (AWS: "use a grant before it is eventually consistent"):
+// grants act at once here, so a token only has to be genuine.
+TEST_F(KmsLifecycleTest, GrantTokensMustNameALiveGrant) {
+  const std::string k = create();
+  const std::string other = create();
+  auto g = ok("CreateGrant", {{"KeyId", k}, {"GranteePrincipal", "uid:65534"}, {"Operations", {"Decrypt", "Encrypt"}}});
+  const std::string token = g["GrantToken"];
+  const std::string blob = encrypt(k, {{"v", "1"}});
+  EXPECT_TRUE(call("Decrypt", {{"CiphertextBlob", blob}, {"EncryptionContext", {{"v", "1"}}}, {"GrantTokens", {token}}},
+                   nobody_));
+  EXPECT_TRUE(call("Encrypt", {{"KeyId", k}, {"Plaintext", "aGk="}, {"GrantTokens", {token}}}, nobody_));
+  EXPECT_TRUE(call("GenerateDataKey", {{"KeyId", k}, {"KeySpec", "AES_256"}, {"GrantTokens", {token}}}));
+  // ReEncrypt to another key: the token names a grant of the source key.
+  EXPECT_TRUE(call("ReEncrypt", {{"CiphertextBlob", blob},
+                                 {"SourceEncryptionContext", {{"v", "1"}}},
+                                 {"DestinationKeyId", other},
+                                 {"GrantTokens", {token}}}));
+  EXPECT_EQ(code("GenerateDataKey", {{"KeyId", k}, {"KeySpec", "AES_256"}, {"GrantTokens", {"bm90IGEgdG9rZW4="}}}),
+            KmsErrorCode::InvalidGrantTokenException);
+  EXPECT_EQ(code("Encrypt", {{"KeyId", k}, {"Plaintext", "aGk="}, {"GrantTokens", json::array({""})}}),
+            KmsErrorCode::ValidationException);
+  EXPECT_EQ(code("Encrypt", {{"KeyId", k}, {"Plaintext", "aGk="}, {"GrantTokens", std::vector<std::string>(11, token)}}),
+            KmsErrorCode::ValidationException);
+  EXPECT_EQ(code("CreateGrant", {{"KeyId", k}, {"GranteePrincipal", "uid:1"}, {"Operations", {"Decrypt"}},
+                                 {"GrantTokens", {"bm9wZQ=="}}}),
+            KmsErrorCode::InvalidGrantTokenException);
+  // Once revoked, its token is refused.
+  ok("RevokeGrant", {{"KeyId", k}, {"GrantId", g["GrantId"]}});
+  EXPECT_EQ(code("Decrypt", {{"CiphertextBlob", blob}, {"EncryptionContext", {{"v", "1"}}}, {"GrantTokens", {token}}}),
+            KmsErrorCode::InvalidGrantTokenException);
+}
+
 // --- managed keys, re-encrypt, tags, aliases ----------------------------------
 
 TEST_F(KmsLifecycleTest, ManagedKeyIsUsableButNotAdministrable) {
