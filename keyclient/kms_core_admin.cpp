@@ -252,6 +252,8 @@ KmsResult<json> KmsCore::get_key_rotation_status(const CallerIdentity& caller, c
   });
 }
 
+constexpr long kMaxOnDemandRotations = 25;
+
 KmsResult<json> KmsCore::rotate_key_on_demand(const CallerIdentity& caller, const json& body) {
   return impl_->run_json(caller, "RotateKeyOnDemand", false, body, [&](Call& call) -> KmsResult<json> {
     auto rec = impl_->key_for(call, body, "RotateKeyOnDemand", false);
@@ -263,6 +265,14 @@ KmsResult<json> KmsCore::rotate_key_on_demand(const CallerIdentity& caller, cons
     if (auto u = rotation_supported(*rec, "RotateKeyOnDemand"); !u) return Unexpected<KmsError>(u.error());
     auto w = impl_->modify(rec->metadata.key_id, [&](KeyRecord& k) -> KmsResult<void> {
       if (auto s = Impl::check_state(k, "RotateKeyOnDemand"); !s) return s;
+      // AWS's on-demand rotation quota: 25 per key, not adjustable.
+      const auto on_demand = std::count_if(k.versions.begin(), k.versions.end(),
+                                           [](const KeyVersion& v) { return v.rotation_type == "ON_DEMAND"; });
+      if (on_demand >= kMaxOnDemandRotations) {
+        return err(KmsErrorCode::LimitExceededException,
+                   k.metadata.arn + " has used all " + std::to_string(kMaxOnDemandRotations) +
+                       " of its on-demand rotations (automatic rotation still applies)");
+      }
       return impl_->add_version(k, "ON_DEMAND");
     });
     if (!w) return Unexpected<KmsError>(w.error());

@@ -235,6 +235,17 @@ TEST_F(KmsLifecycleTest, DeletionDueWhileNoCoreRanHappensAtStart) {
 
 // --- rotation ----------------------------------------------------------------
 
+TEST_F(KmsLifecycleTest, OnDemandRotationStopsAtAwsQuotaOf25) {
+  const std::string k = create();
+  for (int i = 0; i < 25; ++i) ok("RotateKeyOnDemand", {{"KeyId", k}});
+  auto r = call("RotateKeyOnDemand", {{"KeyId", k}});
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.error().code, KmsErrorCode::LimitExceededException);
+  EXPECT_NE(r.error().message.find("25"), std::string::npos) << r.error().message;
+  EXPECT_EQ(ok("ListKeyRotations", {{"KeyId", k}, {"Limit", 100}})["Rotations"].size(), 25u);
+  EXPECT_EQ(blob_version(encrypt(k)), 26u);
+}
+
 TEST_F(KmsLifecycleTest, RotationKeepsOldBlobsDecrypting) {
   const std::string k = create();
   const std::string v1 = encrypt(k, {{"a", "1"}});
