@@ -35,24 +35,62 @@ constexpr auto kUnavailableLogInterval = std::chrono::seconds(30);
 
 FileKeys::FileKeys(keyclient::KeyService& kms, std::string filesystem_id_hex, std::string key_id,
                    FileKeyOptions options)
-    : kms_(kms), fs_id_(std::move(filesystem_id_hex)), key_id_(std::move(key_id)) {
+    : kms_(kms), fs_id_(std::move(filesystem_id_hex)), options_(options), key_id_(std::move(key_id)) {
   if (options.cache && options.cache_ttl > 0) {
     keyclient::DataKeyCacheOptions co;
     co.max_age = std::chrono::duration<double>(options.cache_ttl);
     co.max_entries = options.cache_entries;
     cache_ = std::make_unique<keyclient::CachingKeyService>(kms_, co);
-    if (options.prefetch > 0) {
-      keyclient::DataKeyPrefetcherOptions po;
-      po.pool_size = options.prefetch;
-      po.max_age = co.max_age;
-      prefetch_ = std::make_unique<keyclient::DataKeyPrefetcher>(
-          *cache_, key_id_, "AES_256",
-          [this](const crypto::FileId& id) { return context_for(id); }, po);
-    }
+    prefetch_ = make_prefetcher(key_id_);
   }
 }
 
 FileKeys::~FileKeys() = default;
+
+std::shared_ptr<keyclient::DataKeyPrefetcher> FileKeys::make_prefetcher(const std::string& key_id) {
+  if (!cache_ || options_.prefetch == 0) return nullptr;
+  keyclient::DataKeyPrefetcherOptions po;
+  po.pool_size = options_.prefetch;
+  po.max_age = std::chrono::duration<double>(options_.cache_ttl);
+  return std::make_shared<keyclient::DataKeyPrefetcher>(
+      *cache_, key_id, "AES_256", [this](const crypto::FileId& id) { return context_for(id); }, po);
+}
+
+std::string FileKeys::key_id() const {
+  std::lock_guard<std::mutex> lock(key_mu_);
+  return key_id_;
+}
+
+void FileKeys::set_key_source(KeySource source, std::chrono::milliseconds interval) {
+  std::lock_guard<std::mutex> lock(key_mu_);
+  key_source_ = std::move(source);
+  key_check_interval_ = interval;
+  next_key_check_ = std::chrono::steady_clock::now() + interval;
+}
+
+void FileKeys::maybe_refresh_key() {
+  KeySource source;
+  {
+    std::lock_guard<std::mutex> lock(key_mu_);
+    if (!key_source_) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (now < next_key_check_) return;
+    next_key_check_ = now + key_check_interval_;
+    source = key_source_;
+  }
+  auto now_named = source();  // file I/O: no lock held
+  if (!now_named) return;
+  std::shared_ptr<keyclient::DataKeyPrefetcher> old;  // stopped outside the lock
+  std::string was;
+  {
+    std::lock_guard<std::mutex> lock(key_mu_);
+    if (*now_named == key_id_) return;
+    was = std::exchange(key_id_, *now_named);
+    generation_.fetch_add(1, std::memory_order_acq_rel);
+    old = std::exchange(prefetch_, make_prefetcher(key_id_));
+  }
+  logger()->info("kmsfs.json names key {} now (was {}): new files use it", *now_named, was);
+}
 
 keyclient::EncryptionContext FileKeys::context_for(const crypto::FileId& id) const {
   return {{"kmsfs:fs", fs_id_}, {"kmsfs:file", crypto::file_id_hex(id)}};
@@ -97,10 +135,19 @@ void FileKeys::note_success() {
 }
 
 Result<FileKeys::NewFile, int> FileKeys::create(const std::string& label) {
+  maybe_refresh_key();
   NewFile nf;
+  std::shared_ptr<keyclient::DataKeyPrefetcher> prefetch;
+  std::string key_id;
+  {
+    std::lock_guard<std::mutex> lock(key_mu_);
+    prefetch = prefetch_;
+    key_id = key_id_;
+    nf.generation = key_generation();
+  }
   // A pre-generated data key when one is ready: no KMS round trip.
-  if (prefetch_) {
-    if (auto k = prefetch_->take()) {
+  if (prefetch) {
+    if (auto k = prefetch->take()) {
       if (k->plaintext.size() == 32 && !k->ciphertext_blob.empty() &&
           k->ciphertext_blob.size() <= crypto::FileHeader::kMaxWrappedKeySize) {
         nf.header.file_id = k->file_id;
@@ -113,7 +160,7 @@ Result<FileKeys::NewFile, int> FileKeys::create(const std::string& label) {
   }
   crypto::random_bytes(nf.header.file_id);
   keyclient::GenerateDataKeyRequest req;
-  req.key_id = key_id_;
+  req.key_id = key_id;
   req.key_spec = "AES_256";
   req.encryption_context = context_for(nf.header.file_id);
   auto res = service().generate_data_key(req);

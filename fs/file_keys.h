@@ -4,10 +4,13 @@
 // context is {"kmsfs:fs": filesystem id, "kmsfs:file": file id} — never a
 // path, so renames rewrap nothing.
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -44,6 +47,7 @@ class FileKeys {
   struct NewFile {
     crypto::FileHeader header;
     FileKey key;
+    std::uint64_t generation = 0;  // key_generation() when it was made
   };
   // Errors are -errno values (EACCES for a refused key, EIO otherwise),
   // logged once naming `label` and the KMS's reason.
@@ -52,17 +56,39 @@ class FileKeys {
 
   keyclient::EncryptionContext context_for(const crypto::FileId& id) const;
 
+  // The volume's key can change under a live mount (`kmsfs rewrap --to-key`
+  // rewrites kmsfs.json): `source` returns the key kmsfs.json names now (or
+  // nullopt: unchanged or unreadable), asked at most once per `interval`
+  // from create(). When it differs, new files use it, the prefetched pool
+  // is dropped and the generation moves on, so that a key made earlier
+  // (NewFile::generation) is not used for a new file any more.
+  using KeySource = std::function<std::optional<std::string>()>;
+  void set_key_source(KeySource source, std::chrono::milliseconds interval);
+  std::uint64_t key_generation() const { return generation_.load(std::memory_order_acquire); }
+  bool is_current(const NewFile& nf) const { return nf.generation == key_generation(); }
+  std::string key_id() const;
+
  private:
   keyclient::KeyService& service() { return cache_ ? *cache_ : kms_; }
   // Logs a KMS failure: unavailability rate-limited, refusals per file.
   void log_failure(const std::string& what, const keyclient::KmsError& e);
   void note_success();
 
+  void maybe_refresh_key();
+  std::shared_ptr<keyclient::DataKeyPrefetcher> make_prefetcher(const std::string& key_id);
+
   keyclient::KeyService& kms_;
   std::string fs_id_;
-  std::string key_id_;
+  FileKeyOptions options_;
   std::unique_ptr<keyclient::CachingKeyService> cache_;      // null when key_cache=off
-  std::unique_ptr<keyclient::DataKeyPrefetcher> prefetch_;   // null when off; uses cache_
+
+  mutable std::mutex key_mu_;  // guards the four below
+  std::string key_id_;
+  std::shared_ptr<keyclient::DataKeyPrefetcher> prefetch_;   // null when off; uses cache_
+  KeySource key_source_;
+  std::chrono::milliseconds key_check_interval_{1000};
+  std::chrono::steady_clock::time_point next_key_check_{};
+  std::atomic<std::uint64_t> generation_{1};
 
   std::mutex log_mu_;  // guards the three below
   std::chrono::steady_clock::time_point last_unavailable_log_{};

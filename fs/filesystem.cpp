@@ -646,8 +646,10 @@ Result<std::shared_ptr<const FileKey>, int> Filesystem::key_for_write(
     // without an open handle, a new one made now, before taking the lock: no
     // lock across a KMS call) is installed only if the file is still empty.
     std::shared_ptr<FileKeys::NewFile> fresh;
+    std::shared_ptr<FileKeys::NewFile> stale;  // made under the volume's previous key
     {
       std::lock_guard sl(inode.state_mutex);
+      if (inode.pending && !keys_.is_current(*inode.pending)) stale = std::move(inode.pending);
       fresh = inode.pending;
     }
     if (!fresh) {
@@ -702,8 +704,10 @@ void Filesystem::drop_key_if_closed(Inode& inode) {
 
 int Filesystem::prepare_new_key(Inode& inode) {
   std::string label;
+  std::shared_ptr<FileKeys::NewFile> stale;  // made under the volume's previous key
   {
     std::lock_guard sl(inode.state_mutex);
+    if (inode.pending && !keys_.is_current(*inode.pending)) stale = std::move(inode.pending);
     if (inode.pending) return 0;
     label = "'" + inode.label + "' (backing inode " + std::to_string(inode.ino) + ")";
   }

@@ -6,7 +6,9 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <chrono>
 #include <cstring>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "crypto/encoding.h"
@@ -152,6 +154,20 @@ Result<RewrapResult, std::string> rewrap_volume(keyclient::KeyService& kms, cons
   RewrapResult result;
   result.target_key_arn = target->arn;
   result.target_version = target->version;
+  // To another key: kmsfs.json names it first, so that files created from
+  // now on (a live mount re-reads kmsfs.json, at most kConfigRecheck apart)
+  // are made under it and the scan below finds every older file. An
+  // interrupted run is resumed by `kmsfs rewrap CIPHERDIR`, which targets
+  // the key kmsfs.json names.
+  if (options.to_key && config->key_id != target->arn) {
+    VolumeConfig next = *config;
+    next.key_id = target->arn;
+    auto s = next.save(cipherdir);
+    if (!s) return unexpected(s.error());
+    config->key_id = target->arn;
+    result.config_updated = true;
+    std::this_thread::sleep_for(std::chrono::milliseconds(2 * kConfigRecheckMilliseconds));
+  }
   std::vector<std::string> files;
   collect(cipherdir, true, files, result.errors);
   result.counts.total = files.size();
@@ -177,26 +193,18 @@ Result<RewrapResult, std::string> rewrap_volume(keyclient::KeyService& kms, cons
       return unexpected(cipherdir + ": syncfs failed: " + errno_str(errno));
     }
   }
-  if (result.counts.failed != 0) return result;  // kmsfs.json keeps naming the old key
+  if (result.counts.failed != 0) return result;  // the name key waits for a complete run
 
-  // The volume config: the name key's blob, then the key id, replaced at once.
+  // The name key's blob in kmsfs.json, last: the old key stays needed until
+  // every file is done anyway.
   VolumeConfig next = *config;
-  bool changed = false;
   if (!next.wrapped_name_key.empty() && !under_target(next.wrapped_name_key, *target)) {
     const keyclient::EncryptionContext ctx{{"kmsfs:fs", fs_id}, {"kmsfs:purpose", "filenames"}};
     auto fresh = re_encrypt(kms, next.wrapped_name_key, ctx, target->arn);
     if (!fresh) return unexpected("cannot rewrap the volume's name key: " + fresh.error());
     next.wrapped_name_key = std::move(*fresh);
-    changed = true;
-  }
-  if (options.to_key && next.key_id != target->arn) {
-    next.key_id = target->arn;
-    changed = true;
-  }
-  if (changed) {
     auto s = next.save(cipherdir);
     if (!s) return unexpected(s.error());
-    result.config_updated = next.key_id == target->arn;
   }
   return result;
 }

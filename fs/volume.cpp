@@ -18,6 +18,7 @@
 #include <chrono>
 #include <cstring>
 #include <fstream>
+#include <mutex>
 #include <set>
 #include <sstream>
 
@@ -402,6 +403,35 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
   key_options.cache = opts.key_cache;
   key_options.cache_ttl = opts.key_cache_ttl;
   FileKeys keys(impl_->kms, impl_->config.filesystem_id_hex(), impl_->config.key_id, key_options);
+  // Follow kmsfs.json's key (rewrap --to-key on a live mount): re-read it
+  // when its inode, size or mtime changed, and only if it is still this
+  // volume.
+  struct ConfigWatch {
+    std::mutex mu;  // guards the rest
+    ino_t ino = 0;
+    off_t size = -1;
+    timespec mtime{};
+  };
+  auto watch = std::make_shared<ConfigWatch>();
+  const std::string config_path = impl_->cipherdir + "/" + VolumeConfig::kFileName;
+  keys.set_key_source(
+      [watch, config_path, cipherdir = impl_->cipherdir,
+       fs_id = impl_->config.filesystem_id]() -> std::optional<std::string> {
+        std::lock_guard<std::mutex> lock(watch->mu);
+        struct stat st {};
+        if (::stat(config_path.c_str(), &st) != 0) return std::nullopt;
+        if (st.st_ino == watch->ino && st.st_size == watch->size && st.st_mtim.tv_sec == watch->mtime.tv_sec &&
+            st.st_mtim.tv_nsec == watch->mtime.tv_nsec) {
+          return std::nullopt;
+        }
+        watch->ino = st.st_ino;
+        watch->size = st.st_size;
+        watch->mtime = st.st_mtim;
+        auto c = VolumeConfig::load(cipherdir);
+        if (!c || c->filesystem_id != fs_id) return std::nullopt;
+        return c->key_id;
+      },
+      std::chrono::milliseconds(kConfigRecheckMilliseconds));
   FsSettings settings;
   settings.entry_timeout = opts.shared_storage ? 0 : opts.entry_timeout;
   settings.attr_timeout = opts.shared_storage ? 0 : opts.attr_timeout;

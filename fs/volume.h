@@ -43,6 +43,12 @@ struct VolumeConfig {
   Result<void, std::string> save(const std::string& cipherdir) const;
 };
 
+// How often a live mount re-reads kmsfs.json for its key (at most; only
+// when files are created). `kmsfs rewrap --to-key` waits twice this after
+// switching kmsfs.json, so that no mount creates files under the old key
+// once it starts.
+inline constexpr int kConfigRecheckMilliseconds = 1000;
+
 struct InitOptions {
   bool plaintext_names = false;
   std::uint32_t long_name_max = 255;  // 63..255

@@ -76,6 +76,11 @@ TEST(Rewrap, ThousandFilesInterruptedAndResumedOnALiveMount) {
   auto name = [](int i) { return "d" + std::to_string(i % 10) + "/f" + std::to_string(i); };
   for (int i = 0; i < kFiles; ++i) write_file(m.path(name(i)), random_bytes(100 + static_cast<std::size_t>(i), static_cast<std::uint32_t>(i)));
 
+  // Open for writing, still empty: the mount prepared its data key under
+  // the old key.
+  const int held = ::open(m.path("held").c_str(), O_CREAT | O_WRONLY, 0644);
+  ASSERT_GE(held, 0) << std::strerror(errno);
+
   // First run: killed part way.
   pid_t pid = ::fork();
   if (pid == 0) {
@@ -113,13 +118,22 @@ TEST(Rewrap, ThousandFilesInterruptedAndResumedOnALiveMount) {
   // Second run completes what is left and skips what is done.
   auto r = run_command({bin("kmsfs"), "rewrap", m.cipher(), "--to-key", "alias/new"});
   ASSERT_EQ(r.exit_code, 0) << r.out << r.err;
-  EXPECT_EQ(json_number(r.out, "Files"), kFiles);
+  EXPECT_EQ(json_number(r.out, "Files"), kFiles + 1);  // and "held", empty: no header to rewrap
   EXPECT_EQ(json_number(r.out, "Failed"), 0);
   EXPECT_GT(json_number(r.out, "AlreadyCurrent"), 0) << r.out;
   EXPECT_EQ(json_number(r.out, "Rewrapped") + json_number(r.out, "AlreadyCurrent"), kFiles);
-  EXPECT_NE(r.err.find("rewrap: 1000/1000 files"), std::string::npos) << r.err;  // progress
+  EXPECT_NE(r.err.find("rewrap: 1001/1001 files"), std::string::npos) << r.err;  // progress
   auto info = run_command({bin("kmsfs"), "info", m.cipher()});
-  EXPECT_NE(info.out.find(new_key), std::string::npos) << info.out;  // kmsfs.json switched at the end
+  EXPECT_NE(info.out.find(new_key), std::string::npos) << info.out;  // kmsfs.json names the new key
+
+  // The live mount follows kmsfs.json: a file created now (from the
+  // prefetched pool, too) is wrapped under the new key, and so is a file
+  // that was open for writing (its prepared data key is dropped).
+  const int kNew = 8;
+  for (int i = 0; i < kNew; ++i) write_file(m.path("after" + std::to_string(i)), random_bytes(10, 7u));
+  ASSERT_EQ(::write(held, "held", 4), 4);
+  ASSERT_EQ(::fsync(held), 0);
+  ASSERT_EQ(::close(held), 0);
 
   // Every header names the new key; every file reads back, live and after a remount.
   int headers = 0;
@@ -130,7 +144,7 @@ TEST(Rewrap, ThousandFilesInterruptedAndResumedOnALiveMount) {
     EXPECT_EQ(h->uuid_hex, uuid_hex(new_key)) << f;
     EXPECT_EQ(h->version, 1u) << f;
   }
-  EXPECT_EQ(headers, kFiles);
+  EXPECT_EQ(headers, kFiles + kNew + 1);
   for (int i = 0; i < kFiles; ++i) {
     ASSERT_EQ(read_file(m.path(name(i))), random_bytes(100 + static_cast<std::size_t>(i), static_cast<std::uint32_t>(i))) << name(i);
   }
@@ -145,7 +159,7 @@ TEST(Rewrap, ThousandFilesInterruptedAndResumedOnALiveMount) {
   ASSERT_EQ(run_command({bin("kmsctl"), "rotate-key-on-demand", "--key-id", "alias/new"}).exit_code, 0);
   auto r2 = run_command({bin("kmsfs"), "rewrap", m.cipher(), "--quiet"});
   ASSERT_EQ(r2.exit_code, 0) << r2.err;
-  EXPECT_EQ(json_number(r2.out, "Rewrapped"), kFiles);
+  EXPECT_EQ(json_number(r2.out, "Rewrapped"), kFiles + kNew + 1);
   for (const auto& f : list_files(m.cipher())) {
     auto h = header_key(f);
     if (h) {
