@@ -24,6 +24,16 @@ namespace kmsfs::test {
 
 std::string bin(const std::string& tool) { return std::string(KMSFS_BIN_DIR) + "/" + tool; }
 
+std::string cannot_run_as_nobody(const std::vector<std::string>& program_and_args) {
+  if (::geteuid() != 0) return "needs root to switch to uid 65534";
+  if (::access("/usr/bin/setpriv", X_OK) != 0) return "needs /usr/bin/setpriv";
+  std::vector<std::string> argv{"/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"};
+  argv.insert(argv.end(), program_and_args.begin(), program_and_args.end());
+  auto r = run_command(argv);
+  if (r.exit_code == 0) return "";
+  return "uid 65534 cannot run " + program_and_args.front() + " here: " + r.err;
+}
+
 CommandResult run_command(const std::vector<std::string>& argv) {
   int out_pipe[2];
   int err_pipe[2];

@@ -18,6 +18,11 @@ struct CommandResult {
 
 // Runs argv[0] (a path) with the current environment; captures output.
 CommandResult run_command(const std::vector<std::string>& argv);
+
+// Empty when `program args...` runs as uid/gid 65534 here; else why not
+// (e.g. a sandbox whose root directory only root may enter): tests that
+// need another uid skip with that reason.
+std::string cannot_run_as_nobody(const std::vector<std::string>& program_and_args);
 std::string bin(const std::string& tool);  // path of a built tool
 
 std::string make_temp_dir(const std::string& prefix);
