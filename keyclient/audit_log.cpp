@@ -7,10 +7,8 @@
 
 #include <cerrno>
 #include <ctime>
-#include <map>
 
 #include "crypto/encoding.h"
-#include "crypto/sha256.h"
 #include "keyclient/logger.h"
 #include "keyclient/state_files.h"
 
@@ -26,36 +24,9 @@ struct FlockRelease {
   ~FlockRelease() { (void)::flock(fd, LOCK_UN); }
 };
 
-const std::string kZeroHash(64, '0');
-constexpr const char* kHashField = ",\"hash\":\"";
-
 Unexpected<KmsError> internal(std::string msg) {
   named_logger("kmsfs.kms")->error("audit log: {}", msg);
   return kms_error(KmsErrorCode::KMSInternalException, "audit log: " + std::move(msg));
-}
-
-std::string hex(std::span<const std::uint8_t> b) {
-  static const char* d = "0123456789abcdef";
-  std::string out;
-  for (auto c : b) {
-    out.push_back(d[c >> 4]);
-    out.push_back(d[c & 15]);
-  }
-  return out;
-}
-
-std::string chain_hash(const std::string& prev_hash, const std::string& body) {
-  std::string input = prev_hash + "\n" + body;
-  return hex(crypto::sha256(std::span(reinterpret_cast<const std::uint8_t*>(input.data()), input.size())));
-}
-
-// Splits a line into the hashed body and the stored hash.
-bool split_line(const std::string& line, std::string& body, std::string& hash) {
-  auto pos = line.rfind(kHashField);
-  if (pos == std::string::npos || line.size() < pos + 9 + 64 + 2) return false;
-  body = line.substr(0, pos);
-  hash = line.substr(pos + 9, 64);
-  return line.compare(pos + 9 + 64, std::string::npos, "\"}") == 0;
 }
 
 Result<std::string, std::string> read_all(const std::string& path) {
@@ -208,7 +179,7 @@ KmsResult<void> AuditLog::load_tail(const struct stat& st) {
     if (end == std::string::npos) {
       if (start == 0) {
         tail_seq_ = 0;
-        tail_hash_ = kZeroHash;
+        tail_hash_ = kAuditZeroHash;
         break;
       }
       chunk *= 4;
@@ -221,12 +192,12 @@ KmsResult<void> AuditLog::load_tail(const struct stat& st) {
     }
     std::string line = tail.substr(begin == std::string::npos ? 0 : begin + 1,
                                    end - (begin == std::string::npos ? 0 : begin + 1));
-    json j = json::parse(line, nullptr, false);
-    if (j.is_discarded() || !j.contains("seq") || !j.contains("hash")) {
+    auto point = parse_audit_tail_line(line);
+    if (!point) {
       return internal("the last record of " + path_ + " is not a chained record; run `kmsctl audit verify`");
     }
-    tail_seq_ = j["seq"].get<std::uint64_t>();
-    tail_hash_ = j["hash"].get<std::string>();
+    tail_seq_ = point->seq;
+    tail_hash_ = std::move(point->hash);
     break;
   }
   tail_ino_ = static_cast<std::uint64_t>(st.st_ino);
@@ -257,34 +228,27 @@ KmsResult<void> AuditLog::append(const json& event, AuditDurability durability) 
     std::uint64_t seq = tail_seq_;
     std::string hash = tail_hash_;
     auto add = [&](json rec) {
-      rec["seq"] = ++seq;
-      rec["prevHash"] = hash;
-      std::string body = rec.dump();
-      body.pop_back();  // the closing brace
-      const std::string h = chain_hash(hash, body);
-      out += body;
-      out += kHashField;
-      out += h;
-      out += "\"}\n";
-      hash = h;
+      auto r = audit_record_text(std::move(rec), ++seq, hash);
+      out += r.line;
+      hash = std::move(r.point.hash);
     };
     add(event);
     const bool checkpoint = (seq + 1) % opts_.checkpoint_every == 0;
     if (checkpoint) {
-      auto m = mac("kmsfs-audit-checkpoint:" + std::to_string(seq + 1) + ":" + hash);
+      auto m = mac(audit_checkpoint_mac_input(seq + 1, hash));
       if (!m) return Unexpected<KmsError>(m.error());
       add(json{{"eventType", "AuditCheckpoint"},
                {"eventName", "AuditCheckpoint"},
                {"eventTime", event.value("eventTime", std::string())},
-               {"mac", hex(*m)}});
+               {"mac", crypto::to_hex(*m)}});
     }
     Tail head;
     if (checkpoint) {
       // The head for this checkpoint, MACed here so that the flusher that
       // writes it never touches the HSM. Best effort: the next checkpoint
       // or the close writes a head anyway.
-      auto hm = mac("kmsfs-audit-head:" + std::to_string(seq) + ":" + hash);
-      if (hm) head = Tail{seq, hash, hex(*hm)};
+      auto hm = mac(audit_head_mac_input(seq, hash));
+      if (hm) head = Tail{seq, hash, crypto::to_hex(*hm)};
     }
     const char* p = out.data();
     std::size_t left = out.size();
@@ -461,9 +425,9 @@ KmsResult<void> AuditLog::write_head_for(const Tail& tail) {
   }
   std::string mac_hex = tail.mac;
   if (mac_hex.empty()) {
-    auto m = mac("kmsfs-audit-head:" + std::to_string(tail.seq) + ":" + tail.hash);
+    auto m = mac(audit_head_mac_input(tail.seq, tail.hash));
     if (!m) return Unexpected<KmsError>(m.error());
-    mac_hex = hex(*m);
+    mac_hex = crypto::to_hex(*m);
   }
   json head{{"seq", tail.seq}, {"hash", tail.hash}, {"mac", mac_hex}};
   auto w = atomic_write_file(head_path_, head.dump() + "\n");
@@ -477,144 +441,23 @@ KmsResult<AuditVerifyReport> AuditLog::verify() {
   if (!flock) return internal(flock.error());
   auto text = read_all(path_);
   if (!text) return internal(text.error());
-  AuditVerifyReport rep;
-  auto fail = [&](std::uint64_t line, std::optional<std::uint64_t> seq, std::string problem) {
-    rep.ok = false;
-    rep.line = line;
-    rep.seq = seq;
-    rep.problem = "line " + std::to_string(line) + (seq ? " (seq " + std::to_string(*seq) + ")" : std::string()) +
-                  ": " + std::move(problem);
-    return rep;
-  };
-  std::vector<std::string> lines;
-  std::size_t pos = 0;
-  bool partial = false;
-  while (pos < text->size()) {
-    auto nl = text->find('\n', pos);
-    if (nl == std::string::npos) {
-      lines.push_back(text->substr(pos));
-      partial = true;
-      break;
-    }
-    lines.push_back(text->substr(pos, nl - pos));
-    pos = nl + 1;
-  }
-  // First pass: where each seq is, to tell a removal from a reordering.
-  std::map<std::uint64_t, std::uint64_t> line_of_seq;
-  for (std::size_t i = 0; i < lines.size(); ++i) {
-    json j = json::parse(lines[i], nullptr, false);
-    if (!j.is_discarded() && j.contains("seq") && j["seq"].is_number_unsigned()) {
-      line_of_seq.emplace(j["seq"].get<std::uint64_t>(), i + 1);
-    }
-  }
-  std::string prev = kZeroHash;
-  std::uint64_t expected = 1;
-  for (std::size_t i = 0; i < lines.size(); ++i) {
-    const std::uint64_t ln = i + 1;
-    if (partial && i + 1 == lines.size()) {
-      return fail(ln, std::nullopt, "the last record is truncated (no end of line)");
-    }
-    json j = json::parse(lines[i], nullptr, false);
-    if (j.is_discarded() || !j.is_object()) return fail(ln, std::nullopt, "not a JSON record (edited or truncated)");
-    if (!j.contains("seq") || !j["seq"].is_number_unsigned() || !j.contains("prevHash") || !j.contains("hash")) {
-      return fail(ln, std::nullopt, "has no seq/prevHash/hash (edited)");
-    }
-    const std::uint64_t seq = j["seq"].get<std::uint64_t>();
-    if (seq != expected) {
-      auto it = line_of_seq.find(expected);
-      if (it != line_of_seq.end() && it->second > ln) {
-        return fail(ln, seq, "out of order: expected seq " + std::to_string(expected) + ", which appears later at line " +
-                                 std::to_string(it->second) + " (records reordered)");
-      }
-      if (seq > expected) {
-        return fail(ln, seq, "record seq " + std::to_string(expected) +
-                                 (seq - expected > 1 ? " to " + std::to_string(seq - 1) : std::string()) +
-                                 " missing before this line (removed)");
-      }
-      return fail(ln, seq, "expected seq " + std::to_string(expected) + " (duplicated or reordered)");
-    }
-    std::string body, hash;
-    if (!split_line(lines[i], body, hash)) return fail(ln, seq, "the hash field is malformed (edited)");
-    if (j["prevHash"] != prev) return fail(ln, seq, "prevHash does not match the previous record (edited, removed or reordered)");
-    if (chain_hash(prev, body) != hash) return fail(ln, seq, "edited: the record's hash does not match its content");
-    if (j.value("eventType", std::string()) == "AuditCheckpoint") {
-      auto m = mac("kmsfs-audit-checkpoint:" + std::to_string(seq) + ":" + prev);
-      if (!m) return Unexpected<KmsError>(m.error());
-      if (j.value("mac", std::string()) != hex(*m)) {
-        return fail(ln, seq, "the checkpoint's HSM MAC does not verify (the chain before it was rewritten)");
-      }
-      ++rep.checkpoints;
-    }
-    prev = hash;
-    ++expected;
-    ++rep.records;
-    rep.last_seq = seq;
-  }
+  // An unreadable head is checked like a missing one.
   auto head_text = read_file_if_exists(head_path_);
-  if (head_text && *head_text) {
-    json h = json::parse(**head_text, nullptr, false);
-    if (h.is_discarded() || !h.contains("seq") || !h.contains("hash") || !h.contains("mac")) {
-      rep.ok = false;
-      rep.problem = head_path_ + " is malformed";
-      return rep;
-    }
-    const auto hseq = h["seq"].get<std::uint64_t>();
-    const auto hhash = h["hash"].get<std::string>();
-    auto m = mac("kmsfs-audit-head:" + std::to_string(hseq) + ":" + hhash);
-    if (!m) return Unexpected<KmsError>(m.error());
-    if (h["mac"] != hex(*m)) {
-      rep.ok = false;
-      rep.problem = head_path_ + ": the HSM MAC does not verify (the head was edited)";
-      return rep;
-    }
-    ++rep.checkpoints;
-    if (hseq > rep.last_seq) {
-      return fail(lines.size() + 1, hseq,
-                  "truncated: the log ends at seq " + std::to_string(rep.last_seq) + " but the HSM-MACed head names seq " +
-                      std::to_string(hseq) + " (records " + std::to_string(rep.last_seq + 1) + " to " +
-                      std::to_string(hseq) + " removed)");
-    }
-    auto it = line_of_seq.find(hseq);
-    if (it != line_of_seq.end()) {
-      std::string body, hash;
-      if (split_line(lines[it->second - 1], body, hash) && hash != hhash) {
-        return fail(it->second, hseq, "differs from the HSM-MACed head (the log was rewritten)");
-      }
-    }
-  }
-  return rep;
+  std::optional<std::string_view> head;
+  if (head_text && *head_text) head = **head_text;
+  return verify_audit_text(*text, head,
+                           [&](const std::string& t) -> KmsResult<std::string> {
+                             auto m = mac(t);
+                             if (!m) return Unexpected<KmsError>(m.error());
+                             return crypto::to_hex(*m);
+                           },
+                           head_path_);
 }
 
 KmsResult<std::vector<json>> AuditLog::search(const AuditSearch& q) {
   auto text = read_all(path_);
   if (!text) return internal(text.error());
-  std::vector<json> out;
-  std::size_t pos = 0;
-  while (pos < text->size() && out.size() < q.limit) {
-    auto nl = text->find('\n', pos);
-    if (nl == std::string::npos) break;
-    json j = json::parse(text->substr(pos, nl - pos), nullptr, false);
-    pos = nl + 1;
-    if (j.is_discarded() || j.value("eventType", std::string()) == "AuditCheckpoint") continue;
-    if (q.event_name && j.value("eventName", std::string()) != *q.event_name) continue;
-    if (q.since && j.value("eventTime", std::string()) < *q.since) continue;
-    if (q.key_id) {
-      bool hit = false;
-      const std::string& k = *q.key_id;
-      if (j.contains("resources")) {
-        for (const auto& r : j["resources"]) {
-          const std::string arn = r.value("ARN", std::string());
-          hit = hit || arn == k || (arn.size() >= k.size() && arn.compare(arn.size() - k.size(), k.size(), k) == 0);
-        }
-      }
-      if (j.contains("requestParameters") && j["requestParameters"].is_object()) {
-        hit = hit || j["requestParameters"].value("keyId", std::string()) == k;
-      }
-      if (!hit) continue;
-    }
-    out.push_back(std::move(j));
-  }
-  return out;
+  return search_audit_text(*text, q);
 }
 
 }  // namespace kmsfs::keyclient

@@ -31,6 +31,9 @@
 // the log. The flusher never calls the HSM: an appender that writes a
 // checkpoint also MACs the head for it.
 //
+// The record format and the readers of the files' text are in
+// audit_chain.h; this class adds the files, their locks and the HSM.
+//
 // Thread safety: all methods may be called concurrently. Lock order:
 // mu_ (this process's appenders), then the flock on audit.lock; sync_mu_
 // and head_mu_ are taken with no other lock held, except that flush_mu_
@@ -49,28 +52,12 @@
 
 #include <nlohmann/json.hpp>
 
+#include "keyclient/audit_chain.h"
 #include "keyclient/hsm.h"
 #include "keyclient/kms_error.h"
 #include "keyclient/state_files.h"
 
 namespace kmsfs::keyclient {
-
-struct AuditVerifyReport {
-  bool ok = true;
-  std::uint64_t records = 0;      // lines read
-  std::uint64_t checkpoints = 0;  // MACs verified
-  std::uint64_t last_seq = 0;
-  std::optional<std::uint64_t> line;  // 1-based line of the first problem
-  std::optional<std::uint64_t> seq;   // its seq, when known
-  std::string problem;                // names the record and what is wrong
-};
-
-struct AuditSearch {
-  std::optional<std::string> key_id;      // key id or ARN
-  std::optional<std::string> event_name;  // "Decrypt"
-  std::optional<std::string> since;       // ISO 8601 ("2026-01-01T00:00:00Z") or a date prefix
-  std::size_t limit = 1000;
-};
 
 struct AuditLogOptions {
   std::uint64_t checkpoint_every = 64;  // 0 = 64

@@ -1,0 +1,97 @@
+#pragma once
+// The text of the audit trail (format in audit_log.h and docs/kms-api.md,
+// "Audit trail"): how a record is chained, and the readers of the bytes of
+// STATE/audit.log and STATE/audit.head. Pure functions of those bytes, so
+// that they are tested and fuzzed without files or an HSM: the HSM's part
+// (checkpoint and head MACs) is a callback. AuditLog does the locking and
+// the reading around them.
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "keyclient/kms_error.h"
+
+namespace kmsfs::keyclient {
+
+struct AuditVerifyReport {
+  bool ok = true;
+  std::uint64_t records = 0;      // lines read
+  std::uint64_t checkpoints = 0;  // MACs verified
+  std::uint64_t last_seq = 0;
+  std::optional<std::uint64_t> line;  // 1-based line of the first problem
+  std::optional<std::uint64_t> seq;   // its seq, when known
+  std::string problem;                // names the record and what is wrong
+};
+
+struct AuditSearch {
+  std::optional<std::string> key_id;      // key id or ARN
+  std::optional<std::string> event_name;  // "Decrypt"
+  std::optional<std::string> since;       // ISO 8601 ("2026-01-01T00:00:00Z") or a date prefix
+  std::size_t limit = 1000;
+};
+
+// A position in the chain: the seq of a record and its hash (64 hex digits
+// when written by AuditLog).
+struct AuditChainPoint {
+  std::uint64_t seq = 0;
+  std::string hash;
+};
+
+// STATE/audit.head: the newest checkpointed position and its MAC.
+struct AuditHead {
+  std::uint64_t seq = 0;
+  std::string hash;
+  std::string mac;  // hex HMAC-SHA-256 of audit_head_mac_input(seq, hash)
+};
+
+// The prevHash of record 1.
+inline const std::string kAuditZeroHash(64, '0');
+
+// hash = SHA-256(prev_hash ‖ "\n" ‖ body), lowercase hex.
+std::string audit_chain_hash(std::string_view prev_hash, std::string_view body);
+
+// One record as the appender writes it: `event` (a JSON object) with "seq"
+// and "prevHash" added, then ",\"hash\":\"<hex>\"}\n". Returns the line and
+// the new tail.
+struct AuditRecordText {
+  std::string line;  // ends with '\n'
+  AuditChainPoint point;
+};
+AuditRecordText audit_record_text(nlohmann::json event, std::uint64_t seq, const std::string& prev_hash);
+
+// The texts the HSM MACs: a checkpoint record's "mac" covers its seq and
+// prevHash; the head's covers its seq and hash.
+std::string audit_checkpoint_mac_input(std::uint64_t seq, std::string_view prev_hash);
+std::string audit_head_mac_input(std::uint64_t seq, std::string_view hash);
+
+// The last complete line of the log as the appender chains onto it.
+// nullopt when it is not a chained record (no "seq" or "hash").
+std::optional<AuditChainPoint> parse_audit_tail_line(std::string_view line);
+
+// The content of STATE/audit.head. nullopt when malformed (no "seq",
+// "hash" or "mac").
+std::optional<AuditHead> parse_audit_head(std::string_view text);
+
+// Computes the hex HMAC-SHA-256 of `text` (in the HSM, in production).
+using AuditMacFn = std::function<KmsResult<std::string>(const std::string& text)>;
+
+// Checks the chain of `log`, its checkpoint MACs and, when given, the head
+// (whose problems are named with `head_name`). A damaged log is a report
+// with ok = false naming the first bad record; an error is only what
+// `mac_hex` returns (the HSM failed).
+KmsResult<AuditVerifyReport> verify_audit_text(std::string_view log, std::optional<std::string_view> head,
+                                               const AuditMacFn& mac_hex, std::string_view head_name = "audit.head");
+
+// The event records of `log` that match `query` (checkpoints, lines that
+// are not JSON and a partial last line are skipped), oldest first, at most
+// query.limit.
+std::vector<nlohmann::json> search_audit_text(std::string_view log, const AuditSearch& query);
+
+}  // namespace kmsfs::keyclient
