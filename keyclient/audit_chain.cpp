@@ -40,6 +40,26 @@ std::vector<std::string_view> split_lines(std::string_view text, bool& partial) 
   return lines;
 }
 
+// The fields of a record as the writer writes them. A field that is absent
+// or of another type is nullopt / nullptr: json::value() and get<>() would
+// throw on it (or convert: get<std::uint64_t>() turns -1 into 2^64-1 and
+// 1.5 into 1), and the content is untrusted.
+std::optional<std::uint64_t> unsigned_field(const json& j, const char* name) {
+  auto it = j.find(name);  // end() when j is not an object
+  if (it == j.end() || !it->is_number_unsigned()) return std::nullopt;
+  return it->get<std::uint64_t>();
+}
+
+const std::string* string_field(const json& j, const char* name) {
+  auto it = j.find(name);
+  return it == j.end() ? nullptr : it->get_ptr<const std::string*>();
+}
+
+bool string_field_is(const json& j, const char* name, std::string_view value) {
+  const std::string* s = string_field(j, name);
+  return s != nullptr && *s == value;
+}
+
 }  // namespace
 
 std::string audit_chain_hash(std::string_view prev_hash, std::string_view body) {
@@ -70,15 +90,20 @@ std::string audit_head_mac_input(std::uint64_t seq, std::string_view hash) {
 }
 
 std::optional<AuditChainPoint> parse_audit_tail_line(std::string_view line) {
-  json j = json::parse(line, nullptr, false);
-  if (j.is_discarded() || !j.contains("seq") || !j.contains("hash")) return std::nullopt;
-  return AuditChainPoint{j["seq"].get<std::uint64_t>(), j["hash"].get<std::string>()};
+  const json j = json::parse(line, nullptr, false);
+  const auto seq = unsigned_field(j, "seq");
+  const std::string* hash = string_field(j, "hash");
+  if (!seq || hash == nullptr) return std::nullopt;
+  return AuditChainPoint{*seq, *hash};
 }
 
 std::optional<AuditHead> parse_audit_head(std::string_view text) {
-  json h = json::parse(text, nullptr, false);
-  if (h.is_discarded() || !h.contains("seq") || !h.contains("hash") || !h.contains("mac")) return std::nullopt;
-  return AuditHead{h["seq"].get<std::uint64_t>(), h["hash"].get<std::string>(), h["mac"].get<std::string>()};
+  const json h = json::parse(text, nullptr, false);
+  const auto seq = unsigned_field(h, "seq");
+  const std::string* hash = string_field(h, "hash");
+  const std::string* mac = string_field(h, "mac");
+  if (!seq || hash == nullptr || mac == nullptr) return std::nullopt;
+  return AuditHead{*seq, *hash, *mac};
 }
 
 KmsResult<AuditVerifyReport> verify_audit_text(std::string_view log, std::optional<std::string_view> head,
@@ -97,10 +122,8 @@ KmsResult<AuditVerifyReport> verify_audit_text(std::string_view log, std::option
   // First pass: where each seq is, to tell a removal from a reordering.
   std::map<std::uint64_t, std::uint64_t> line_of_seq;
   for (std::size_t i = 0; i < lines.size(); ++i) {
-    json j = json::parse(lines[i], nullptr, false);
-    if (!j.is_discarded() && j.contains("seq") && j["seq"].is_number_unsigned()) {
-      line_of_seq.emplace(j["seq"].get<std::uint64_t>(), i + 1);
-    }
+    const json j = json::parse(lines[i], nullptr, false);
+    if (auto seq = unsigned_field(j, "seq")) line_of_seq.emplace(*seq, i + 1);
   }
   std::string prev = kAuditZeroHash;
   std::uint64_t expected = 1;
@@ -109,12 +132,14 @@ KmsResult<AuditVerifyReport> verify_audit_text(std::string_view log, std::option
     if (partial && i + 1 == lines.size()) {
       return fail(ln, std::nullopt, "the last record is truncated (no end of line)");
     }
-    json j = json::parse(lines[i], nullptr, false);
-    if (j.is_discarded() || !j.is_object()) return fail(ln, std::nullopt, "not a JSON record (edited or truncated)");
-    if (!j.contains("seq") || !j["seq"].is_number_unsigned() || !j.contains("prevHash") || !j.contains("hash")) {
+    const json j = json::parse(lines[i], nullptr, false);
+    if (!j.is_object()) return fail(ln, std::nullopt, "not a JSON record (edited or truncated)");
+    if (!j.contains("seq") || !j.contains("prevHash") || !j.contains("hash")) {
       return fail(ln, std::nullopt, "has no seq/prevHash/hash (edited)");
     }
-    const std::uint64_t seq = j["seq"].get<std::uint64_t>();
+    const auto seq_field = unsigned_field(j, "seq");
+    if (!seq_field) return fail(ln, std::nullopt, "seq is not an unsigned 64-bit integer (edited)");
+    const std::uint64_t seq = *seq_field;
     if (seq != expected) {
       auto it = line_of_seq.find(expected);
       if (it != line_of_seq.end() && it->second > ln) {
@@ -130,12 +155,12 @@ KmsResult<AuditVerifyReport> verify_audit_text(std::string_view log, std::option
     }
     std::string_view body, hash;
     if (!split_line(lines[i], body, hash)) return fail(ln, seq, "the hash field is malformed (edited)");
-    if (j["prevHash"] != prev) return fail(ln, seq, "prevHash does not match the previous record (edited, removed or reordered)");
+    if (!string_field_is(j, "prevHash", prev)) return fail(ln, seq, "prevHash does not match the previous record (edited, removed or reordered)");
     if (audit_chain_hash(prev, body) != hash) return fail(ln, seq, "edited: the record's hash does not match its content");
-    if (j.value("eventType", std::string()) == "AuditCheckpoint") {
+    if (string_field_is(j, "eventType", "AuditCheckpoint")) {
       auto m = mac_hex(audit_checkpoint_mac_input(seq, prev));
       if (!m) return Unexpected<KmsError>(m.error());
-      if (j.value("mac", std::string()) != *m) {
+      if (!string_field_is(j, "mac", *m)) {
         return fail(ln, seq, "the checkpoint's HSM MAC does not verify (the chain before it was rewritten)");
       }
       ++rep.checkpoints;
@@ -177,6 +202,27 @@ KmsResult<AuditVerifyReport> verify_audit_text(std::string_view log, std::option
   return rep;
 }
 
+namespace {
+
+// `arn` names the key `k`: the same ARN, or an ARN ending in the key id.
+bool arn_names(std::string_view arn, std::string_view k) {
+  return arn.size() >= k.size() && arn.substr(arn.size() - k.size()) == k;
+}
+
+bool names_key(const json& j, const std::string& k) {
+  auto res = j.find("resources");
+  if (res != j.end() && res->is_array()) {
+    for (const auto& r : *res) {
+      const std::string* arn = string_field(r, "ARN");
+      if (arn != nullptr && arn_names(*arn, k)) return true;
+    }
+  }
+  auto params = j.find("requestParameters");
+  return params != j.end() && string_field_is(*params, "keyId", k);
+}
+
+}  // namespace
+
 std::vector<json> search_audit_text(std::string_view log, const AuditSearch& q) {
   std::vector<json> out;
   std::size_t pos = 0;
@@ -185,23 +231,13 @@ std::vector<json> search_audit_text(std::string_view log, const AuditSearch& q) 
     if (nl == std::string_view::npos) break;
     json j = json::parse(log.substr(pos, nl - pos), nullptr, false);
     pos = nl + 1;
-    if (j.is_discarded() || j.value("eventType", std::string()) == "AuditCheckpoint") continue;
-    if (q.event_name && j.value("eventName", std::string()) != *q.event_name) continue;
-    if (q.since && j.value("eventTime", std::string()) < *q.since) continue;
-    if (q.key_id) {
-      bool hit = false;
-      const std::string& k = *q.key_id;
-      if (j.contains("resources")) {
-        for (const auto& r : j["resources"]) {
-          const std::string arn = r.value("ARN", std::string());
-          hit = hit || arn == k || (arn.size() >= k.size() && arn.compare(arn.size() - k.size(), k.size(), k) == 0);
-        }
-      }
-      if (j.contains("requestParameters") && j["requestParameters"].is_object()) {
-        hit = hit || j["requestParameters"].value("keyId", std::string()) == k;
-      }
-      if (!hit) continue;
+    if (!j.is_object() || string_field_is(j, "eventType", "AuditCheckpoint")) continue;
+    if (q.event_name && !string_field_is(j, "eventName", *q.event_name)) continue;
+    if (q.since) {
+      const std::string* t = string_field(j, "eventTime");
+      if ((t != nullptr ? std::string_view(*t) : std::string_view()) < *q.since) continue;
     }
+    if (q.key_id && !names_key(j, *q.key_id)) continue;
     out.push_back(std::move(j));
   }
   return out;

@@ -5,6 +5,14 @@
 // that they are tested and fuzzed without files or an HSM: the HSM's part
 // (checkpoint and head MACs) is a callback. AuditLog does the locking and
 // the reading around them.
+//
+// Both files are untrusted input: anyone who can write the state dir may
+// have edited them, and a crash may have torn the last line. No reader
+// throws on any content: a record that is not what the writer writes (not
+// a JSON object, a field missing or of another type, a seq that is not an
+// unsigned 64-bit integer) is reported with its line as edited, a head of
+// another shape as malformed. tests/fuzz/audit_log_fuzz.cpp holds them to
+// that.
 
 #include <cstddef>
 #include <cstdint>
@@ -72,11 +80,13 @@ std::string audit_checkpoint_mac_input(std::uint64_t seq, std::string_view prev_
 std::string audit_head_mac_input(std::uint64_t seq, std::string_view hash);
 
 // The last complete line of the log as the appender chains onto it.
-// nullopt when it is not a chained record (no "seq" or "hash").
+// nullopt when it is not a chained record: not a JSON object, or "seq" is
+// not an unsigned integer, or "hash" is not a string.
 std::optional<AuditChainPoint> parse_audit_tail_line(std::string_view line);
 
-// The content of STATE/audit.head. nullopt when malformed (no "seq",
-// "hash" or "mac").
+// The content of STATE/audit.head. nullopt when malformed: not a JSON
+// object, or "seq" is not an unsigned integer, or "hash"/"mac" are not
+// strings.
 std::optional<AuditHead> parse_audit_head(std::string_view text);
 
 // Computes the hex HMAC-SHA-256 of `text` (in the HSM, in production).
@@ -90,8 +100,9 @@ KmsResult<AuditVerifyReport> verify_audit_text(std::string_view log, std::option
                                                const AuditMacFn& mac_hex, std::string_view head_name = "audit.head");
 
 // The event records of `log` that match `query` (checkpoints, lines that
-// are not JSON and a partial last line are skipped), oldest first, at most
-// query.limit.
+// are not JSON objects and a partial last line are skipped), oldest first,
+// at most query.limit. A field of another type than the writer writes does
+// not match.
 std::vector<nlohmann::json> search_audit_text(std::string_view log, const AuditSearch& query);
 
 }  // namespace kmsfs::keyclient

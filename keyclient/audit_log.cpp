@@ -418,10 +418,11 @@ KmsResult<void> AuditLog::write_head_for(const Tail& tail) {
   // head never replaces a newer one. Appenders do not wait for this lock.
   auto flock = FileLock::acquire(head_lock_path_);
   if (!flock) return internal(flock.error());
+  // A malformed head is replaced (`audit verify` reports it until then).
   auto old = read_file_if_exists(head_path_);
   if (old && *old) {
-    json h = json::parse(**old, nullptr, false);
-    if (!h.is_discarded() && h.value("seq", std::uint64_t{0}) >= tail.seq) return {};
+    auto h = parse_audit_head(**old);
+    if (h && h->seq >= tail.seq) return {};
   }
   std::string mac_hex = tail.mac;
   if (mac_hex.empty()) {

@@ -320,5 +320,101 @@ TEST(AuditLog, FlusherWritesTheHeadAfterACheckpoint) {
   EXPECT_EQ(v->checkpoints, 2u);  // the checkpoint record and the head
 }
 
+// Hostile or edited content of the trail's files (found by fuzz_audit_log
+// and review; each once threw nlohmann::type_error out of kmsctl/kmsd): it is
+// reported, naming the line, and nothing throws.
+TEST(AuditLog, HeadWithFieldsOfOtherTypesIsMalformed) {
+  const std::string dir = test::make_temp_dir("audit");
+  NoHsm hsm;
+  AuditLog log(dir, hsm, options(1h));
+  ASSERT_TRUE(log.append(event("Decrypt", 1), AuditDurability::Buffered));
+  for (const std::string head : {R"({"seq":"x","hash":1,"mac":2})", "5", R"({"seq":-1,"hash":"a","mac":"b"})"}) {
+    SCOPED_TRACE(head);
+    test::write_text(dir + "/audit.head", head);
+    KmsResult<AuditVerifyReport> v = AuditVerifyReport{};
+    EXPECT_NO_THROW(v = log.verify());
+    ASSERT_TRUE(v);
+    EXPECT_FALSE(v->ok);
+    EXPECT_EQ(v->problem, dir + "/audit.head is malformed");
+  }
+}
+
+TEST(AuditLog, LineThatIsNotAnObjectIsNamedAndSkippedBySearch) {
+  const std::string dir = test::make_temp_dir("audit");
+  NoHsm hsm;
+  AuditLog log(dir, hsm, options(1h));
+  ASSERT_TRUE(log.append(event("Decrypt", 1), AuditDurability::Buffered));
+  {
+    std::ofstream out(log.path(), std::ios::app);
+    out << "5\n" << R"({"eventName":"Decrypt","resources":[1],"requestParameters":{"keyId":5}})" << "\n"
+        << R"({"eventName":"Decrypt","resources":{"ARN":"k"},"eventType":1,"eventTime":5})" << "\n";
+  }
+  KmsResult<AuditVerifyReport> v = AuditVerifyReport{};
+  EXPECT_NO_THROW(v = log.verify());
+  ASSERT_TRUE(v);
+  EXPECT_FALSE(v->ok);
+  EXPECT_EQ(v->line, 2u);
+  EXPECT_EQ(v->problem, "line 2: not a JSON record (edited or truncated)");
+  AuditSearch by_key;
+  by_key.key_id = "k";
+  KmsResult<std::vector<json>> found = std::vector<json>{};
+  EXPECT_NO_THROW(found = log.search(by_key));
+  ASSERT_TRUE(found);
+  EXPECT_TRUE(found->empty()) << "resources that are no array of objects name no key";
+  AuditSearch since;
+  since.since = "2026";
+  EXPECT_NO_THROW(found = log.search(since));
+  ASSERT_TRUE(found);
+  EXPECT_TRUE(found->empty()) << "an eventTime that is no string is no time";
+  AuditSearch decrypts;
+  decrypts.event_name = "Decrypt";
+  EXPECT_NO_THROW(found = log.search(decrypts));
+  ASSERT_TRUE(found);
+  EXPECT_EQ(found->size(), 3u) << "the non-object line is skipped";
+}
+
+// The appender chains onto the last line: one whose seq or hash has another
+// type is not a chained record, and the append fails with that reason.
+TEST(AuditLog, LastLineWithFieldsOfOtherTypesFailsTheAppend) {
+  const std::string dir = test::make_temp_dir("audit");
+  NoHsm hsm;
+  {
+    AuditLog log(dir, hsm, options(1h));
+    ASSERT_TRUE(log.append(event("Decrypt", 1), AuditDurability::Buffered));
+  }
+  for (const std::string last : {R"({"seq":"x","hash":1})", R"({"seq":2.5,"hash":"a"})", "7"}) {
+    SCOPED_TRACE(last);
+    {
+      std::ofstream out(dir + "/audit.log", std::ios::app);
+      out << last << "\n";
+    }
+    AuditLog log(dir, hsm, options(1h));
+    KmsResult<void> r;
+    EXPECT_NO_THROW(r = log.append(event("Encrypt", 2), AuditDurability::Buffered));
+    ASSERT_FALSE(r);
+    EXPECT_NE(r.error().message.find("is not a chained record"), std::string::npos) << r.error().message;
+  }
+}
+
+// A head writer reads the old head only to keep a newer one: a malformed
+// one is replaced.
+TEST(AuditLog, MalformedHeadIsReplacedByTheNextHeadWrite) {
+  const std::string dir = test::make_temp_dir("audit");
+  auto hsm = test::open_test_hsm(test::unique_token_label());
+  AuditLog log(dir, *hsm, options(1h));
+  ASSERT_TRUE(log.append(event("Decrypt", 1), AuditDurability::Buffered));
+  for (const std::string head : {"5", R"({"seq":"x","hash":1,"mac":2})", R"({"seq":99})"}) {
+    SCOPED_TRACE(head);
+    test::write_text(dir + "/audit.head", head);
+    KmsResult<void> w;
+    EXPECT_NO_THROW(w = log.write_head());
+    ASSERT_TRUE(w) << w.error().message;
+    auto v = log.verify();
+    ASSERT_TRUE(v);
+    EXPECT_TRUE(v->ok) << v->problem;
+    EXPECT_EQ(v->checkpoints, 1u) << "the head was rewritten and verifies";
+  }
+}
+
 }  // namespace
 }  // namespace kmsfs::keyclient
