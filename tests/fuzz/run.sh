@@ -14,7 +14,7 @@ shift || true
 BUILD=${KMSFS_FUZZ_BUILD_DIR:-$ROOT/build-fuzz}
 JOBS=${KMSFS_JOBS:-$(nproc)}
 TARGETS=("$@")
-((${#TARGETS[@]})) || TARGETS=(file_header ciphertext_blob volume_config kms_http kms_json key_policy key_record)
+((${#TARGETS[@]})) || TARGETS=(file_header ciphertext_blob volume_config kms_http kms_json key_policy key_record audit_log)
 
 CLANG=$(command -v clang++ || command -v clang++-14 || true)
 if [[ -z $CLANG ]]; then
@@ -32,9 +32,11 @@ mkdir -p "$CRASHES"
 failed=0
 for t in "${TARGETS[@]}"; do
   work=$(mktemp -d "${TMPDIR:-/tmp}/kmsfs-fuzz-$t.XXXXXX")
+  dict=()  # tests/fuzz/TARGET.dict: tokens the mutator splices in
+  [[ -f $ROOT/tests/fuzz/$t.dict ]] && dict=(-dict="$ROOT/tests/fuzz/$t.dict")
   echo "=== fuzz_$t for ${SECONDS_EACH}s"
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 \
-    "$BUILD/tests/fuzz/fuzz_$t" -max_total_time="$SECONDS_EACH" -max_len=8192 -timeout=10 \
+    "$BUILD/tests/fuzz/fuzz_$t" -max_total_time="$SECONDS_EACH" -max_len=8192 -timeout=10 "${dict[@]}" \
     -artifact_prefix="$CRASHES/$t-" -print_final_stats=1 \
     "$work" "$ROOT/tests/fuzz/corpus/$t" >"$work.log" 2>&1
   rc=$?
