@@ -54,7 +54,7 @@ std::string KmsdProcess::log() const {
   return ss.str();
 }
 
-void KmsdProcess::start() {
+void KmsdProcess::spawn() {
   if (pid_ > 0) throw std::logic_error("kmsd already running");
   std::vector<std::string> argv{bin("kmsd"), "--config", "/dev/null", "--state-dir", state_,
                                 "--socket", socket_, "--log-level", "debug"};
@@ -85,6 +85,10 @@ void KmsdProcess::start() {
   posix_spawn_file_actions_destroy(&fa);
   if (rc != 0) throw std::runtime_error("cannot start kmsd: " + std::string(std::strerror(rc)));
   pid_ = pid;
+}
+
+void KmsdProcess::wait_serving() {
+  if (pid_ <= 0) throw std::logic_error("kmsd is not running");
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (std::chrono::steady_clock::now() < deadline) {
     int status = 0;

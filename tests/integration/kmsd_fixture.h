@@ -22,7 +22,14 @@ class KmsdProcess {
 
   // Starts kmsd and waits (up to 60 s) until its socket accepts; throws
   // with the log if it exits or never serves.
-  void start();
+  void start() {
+    spawn();
+    wait_serving();
+  }
+  // The two halves of start(): a test that kills kmsd during its start-up
+  // spawns it, waits a random moment, then kills it.
+  void spawn();
+  void wait_serving();
   // Sends `sig` and waits for the exit; returns the exit code, or 128+signal.
   int stop(int sig);
   void kill9() { (void)stop(9); }

@@ -132,6 +132,16 @@ void ForegroundMount::kill9() {
   ::umount2(mnt_.c_str(), MNT_DETACH);
 }
 
+bool ForegroundMount::alive(int& exit_code) {
+  if (pid_ <= 0) return false;
+  int status = 0;
+  if (::waitpid(pid_, &status, WNOHANG) != pid_) return true;
+  exit_code = exit_code_of(status);
+  pid_ = -1;
+  ::umount2(mnt_.c_str(), MNT_DETACH);
+  return false;
+}
+
 long proc_rss_kib(pid_t pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
   std::string line;

@@ -31,6 +31,11 @@ class ForegroundMount {
   // SIGKILL at once, reap, and detach the dead mount.
   void kill9();
 
+  // Checks that the server still runs. One found dead (it crashed or
+  // exited by itself) is reaped, its mount detached, and its exit status
+  // (128+signal when killed) stored in `exit_code`.
+  bool alive(int& exit_code);
+
   bool running() const { return pid_ > 0; }
   pid_t pid() const { return pid_; }
   const std::string& mnt() const { return mnt_; }
