@@ -33,6 +33,9 @@ struct AuditVerifyReport {
   std::uint64_t records = 0;      // lines read
   std::uint64_t checkpoints = 0;  // MACs verified
   std::uint64_t last_seq = 0;
+  // Bytes after the last '\n': a record torn by a crash (its call never
+  // returned). Reported, not a failure; the next append cuts them off.
+  std::uint64_t torn_tail_bytes = 0;
   std::optional<std::uint64_t> line;  // 1-based line of the first problem
   std::optional<std::uint64_t> seq;   // its seq, when known
   std::string problem;                // names the record and what is wrong

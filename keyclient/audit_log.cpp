@@ -205,6 +205,38 @@ KmsResult<void> AuditLog::load_tail(const struct stat& st) {
   return {};
 }
 
+KmsResult<std::int64_t> AuditLog::cut_torn_tail(struct stat& st) {
+  const int fd = log_fd_->get();
+  char last = 0;
+  if (::pread(fd, &last, 1, st.st_size - 1) != 1) return internal("cannot read " + path_ + ": " + errno_text(errno));
+  if (last == '\n') return 0;
+  // The last '\n', searching back at most one record's worth at a time.
+  off_t end = st.st_size;
+  off_t keep = 0;
+  std::string buf;
+  while (end > 0) {
+    const off_t start = end > 65536 ? end - 65536 : 0;
+    buf.resize(static_cast<std::size_t>(end - start));
+    const ssize_t n = ::pread(fd, buf.data(), buf.size(), start);
+    if (n != static_cast<ssize_t>(buf.size())) return internal("cannot read " + path_ + ": " + errno_text(errno));
+    const auto nl = buf.rfind('\n');
+    if (nl != std::string::npos) {
+      keep = start + static_cast<off_t>(nl) + 1;
+      break;
+    }
+    end = start;
+  }
+  const std::int64_t torn = st.st_size - keep;
+  if (::ftruncate(fd, keep) != 0) {
+    named_logger("kmsfs.kms")->warn("{}: {} bytes of a record torn by a crash cannot be cut off ({}); the next record starts on a new line",
+                path_, torn, errno_text(errno));
+    return -1;
+  }
+  named_logger("kmsfs.kms")->warn("{}: cut off {} bytes of a record torn by a crash (its call never returned)", path_, torn);
+  st.st_size = keep;
+  return torn;
+}
+
 KmsResult<void> AuditLog::append(const json& event, AuditDurability durability) {
   std::shared_ptr<UniqueFd> fd;
   std::uint64_t number = 0;
@@ -217,14 +249,19 @@ KmsResult<void> AuditLog::append(const json& event, AuditDurability durability) 
     struct stat st {};
     if (::fstat(log_fd_->get(), &st) != 0) return internal("cannot stat " + path_ + ": " + errno_text(errno));
     const bool own_tail = static_cast<std::uint64_t>(st.st_ino) == tail_ino_ && st.st_size == tail_size_;
-    if (auto t = load_tail(st); !t) return t;
     std::string out;
-    // A crash mid-write may have left a partial line: start on a new one.
-    // (A tail this object wrote itself ends with '\n'.)
     if (st.st_size > 0 && !own_tail) {
-      char last = 0;
-      if (::pread(log_fd_->get(), &last, 1, st.st_size - 1) == 1 && last != '\n') out.push_back('\n');
+      // A process killed inside its append's write(2) can leave part of a
+      // record: the kernel copies a write page by page and stops at a page
+      // boundary for a fatal signal. That call never returned, so the bytes
+      // after the last '\n' are no record: cut them off (under the flock)
+      // and chain on from the last complete record. Where the log cannot
+      // be truncated (append-only attribute), start on a new line instead.
+      auto cut = cut_torn_tail(st);
+      if (!cut) return Unexpected<KmsError>(cut.error());
+      if (*cut < 0) out.push_back('\n');
     }
+    if (auto t = load_tail(st); !t) return t;
     std::uint64_t seq = tail_seq_;
     std::string hash = tail_hash_;
     auto add = [&](json rec) {

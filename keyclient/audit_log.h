@@ -115,6 +115,10 @@ class AuditLog {
   // Under mu_: (re)opens the log when needed and takes the flock.
   KmsResult<void> open_locked();
   KmsResult<void> load_tail(const struct stat& st);
+  // Under mu_ and the flock, when the log does not end with '\n': cuts off
+  // the partial record a killed appender left (st.st_size updated) and
+  // returns how many bytes; -1 when the file cannot be truncated.
+  KmsResult<std::int64_t> cut_torn_tail(struct stat& st);
   // fdatasyncs `fd` (a descriptor of the log) so that append number `upto`
   // and everything before it is durable; concurrent callers share syncs.
   KmsResult<void> sync_upto(const std::shared_ptr<UniqueFd>& fd, std::uint64_t upto);

@@ -799,6 +799,9 @@ KmsResult<json> KmsCore::verify_audit_log(const CallerIdentity& caller, const js
     if (!r) return Unexpected<KmsError>(r.error());
     json out{{"Valid", r->ok}, {"Records", r->records}, {"Checkpoints", r->checkpoints}, {"LastSeq", r->last_seq},
              {"Path", impl_->audit.path()}};
+    // A record a crash tore (its call never returned): not a record, and
+    // cut off by the next append; worth seeing.
+    if (r->torn_tail_bytes != 0) out["TornTailBytes"] = r->torn_tail_bytes;
     if (!r->ok) {
       out["Problem"] = r->problem;
       if (r->line) out["Line"] = *r->line;

@@ -182,7 +182,11 @@ TEST(AuditLog, RecordsReturnedSurviveKillOfTheWriter) {
 
 // A crash in the middle of a write(2) can leave a partial last line: the
 // next record starts on a fresh line and chains to the last complete one.
-TEST(AuditLog, PartialLastLineIsLeftBehindOnItsOwnLine) {
+// A writer killed inside its append's write(2) leaves part of a record
+// (the kernel stops at a page boundary): verify reports it and stays valid;
+// the next append cuts it off and chains to the last complete record, also
+// when that append is torn again.
+TEST(AuditLog, RecordTornByAKillIsCutOffByTheNextAppend) {
   const std::string dir = test::make_temp_dir("audit");
   NoHsm hsm;
   {
@@ -191,24 +195,51 @@ TEST(AuditLog, PartialLastLineIsLeftBehindOnItsOwnLine) {
   }
   const std::string path = dir + "/audit.log";
   const auto first = records_of(path).at(0);
+  const std::string torn = R"({"eventName":"Decrypt","seq":2,"prevH)";
   {
     std::ofstream out(path, std::ios::app);
-    out << R"({"eventName":"Decrypt","seq":2,"prevH)";
+    out << torn;
   }
   AuditLog log(dir, hsm, options(1h));
+  auto before = log.verify();
+  ASSERT_TRUE(before);
+  EXPECT_TRUE(before->ok) << before->problem;
+  EXPECT_EQ(before->torn_tail_bytes, torn.size());
+  EXPECT_EQ(before->records, 1u);
   ASSERT_TRUE(log.append(event("Encrypt", 2), AuditDurability::Buffered));
-  std::ifstream in(path);
-  std::vector<std::string> lines;
-  for (std::string l; std::getline(in, l);) lines.push_back(l);
-  ASSERT_EQ(lines.size(), 3u);
-  json rec = json::parse(lines[2]);
-  EXPECT_EQ(rec["seq"], 2);
-  EXPECT_EQ(rec["prevHash"], first["hash"]);
-  // verify names the torn line.
-  auto v = log.verify();
+  {
+    std::ifstream in(path);
+    std::vector<std::string> lines;
+    for (std::string l; std::getline(in, l);) lines.push_back(l);
+    ASSERT_EQ(lines.size(), 2u);
+    json rec = json::parse(lines[1]);
+    EXPECT_EQ(rec["seq"], 2);
+    EXPECT_EQ(rec["prevHash"], first["hash"]);
+  }
+  // Torn twice in a row: the second partial record is cut off as well.
+  {
+    std::ofstream out(path, std::ios::app);
+    out << torn;
+  }
+  AuditLog again(dir, hsm, options(1h));
+  ASSERT_TRUE(again.append(event("Encrypt", 3), AuditDurability::Buffered));
+  auto v = again.verify();
   ASSERT_TRUE(v);
-  EXPECT_FALSE(v->ok);
-  EXPECT_EQ(v->line, 2u);
+  EXPECT_TRUE(v->ok) << v->problem;
+  EXPECT_EQ(v->torn_tail_bytes, 0u);
+  EXPECT_EQ(v->records, 3u);
+  // A partial record on a line of its own (an edit, or a log that could
+  // not be cut) still fails verify, naming the line, and the appender
+  // refuses to chain past it.
+  {
+    std::ofstream out(path, std::ios::app);
+    out << torn << "\n";
+  }
+  EXPECT_FALSE(again.append(event("Encrypt", 4), AuditDurability::Buffered));
+  auto bad = again.verify();
+  ASSERT_TRUE(bad);
+  EXPECT_FALSE(bad->ok);
+  EXPECT_EQ(bad->line, 4u);
 }
 
 // The same log written by another process (another AuditLog on the same
