@@ -827,7 +827,7 @@ TEST(Crash, KillNineOfKmsdDuringWorkLosesNothing) {
   auto audit = kmsctl({"audit", "verify"});
   EXPECT_EQ(audit.exit_code, 0) << "kmsctl audit verify through kmsd:\n" << audit.out << audit.err;
   const auto audit_json = parse_json(audit.out);
-  const auto torn_records = audit_json.is_discarded() ? 0 : audit_json.value("TornRegions", 0);
+  const auto torn_records = audit_json.is_discarded() ? 0 : audit_json.value("TornTailBytes", 0);
   auto keys = kmsctl({"list-keys"});
   ASSERT_EQ(keys.exit_code, 0) << keys.err;
   const auto keys_json = parse_json(keys.out);
@@ -875,7 +875,7 @@ TEST(Crash, KillNineOfKmsdDuringWorkLosesNothing) {
   RecordProperty("operations", total_ops);
   RecordProperty("refused_opens", model.refused_opens);
   std::printf("kmsd crash test: seed %u, %d kills of kmsd, %d file operations, %d opens/creates refused while kmsd "
-              "was down, kmsctl %d ok / %d failed (%d cut mid-call), %d torn audit records, %zu keys, %zu with lost "
+              "was down, kmsctl %d ok / %d failed (%d cut mid-call), %d bytes of a torn audit record at the end, %zu keys, %zu with lost "
               "HSM material, %.0f s\n",
               seed, it, total_ops, model.refused_opens, admin.ok, admin.failed, admin.cut, torn_records,
               key_ids.size(), lost_material.size(), secs);
