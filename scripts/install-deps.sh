@@ -21,9 +21,10 @@ PACKAGES=(
   systemd curl help2man
 )
 # --test (scripts/test.sh): also clang, whose libFuzzer runs the fuzz targets
-# (tests/fuzz/run.sh).
+# (tests/fuzz/run.sh), and libclang-rt-dev: its runtime libraries
+# (libclang_rt.fuzzer, libclang_rt.asan), which clang does not pull in.
 if [[ ${1:-} == --test ]]; then
-  PACKAGES+=(clang)
+  PACKAGES+=(clang libclang-rt-dev)
 fi
 # The AWS SDK for JavaScript test (npm install @aws-sdk/client-kms): any
 # node and npm will do. Debian's are installed only when none is on PATH
