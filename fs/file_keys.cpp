@@ -56,11 +56,6 @@ std::shared_ptr<keyclient::DataKeyPrefetcher> FileKeys::make_prefetcher(const st
       *cache_, key_id, "AES_256", [this](const crypto::FileId& id) { return context_for(id); }, po);
 }
 
-std::string FileKeys::key_id() const {
-  std::lock_guard<std::mutex> lock(key_mu_);
-  return key_id_;
-}
-
 void FileKeys::set_key_source(KeySource source, std::chrono::milliseconds interval) {
   std::lock_guard<std::mutex> lock(key_mu_);
   key_source_ = std::move(source);

@@ -66,7 +66,6 @@ class FileKeys {
   void set_key_source(KeySource source, std::chrono::milliseconds interval);
   std::uint64_t key_generation() const { return generation_.load(std::memory_order_acquire); }
   bool is_current(const NewFile& nf) const { return nf.generation == key_generation(); }
-  std::string key_id() const;
 
  private:
   keyclient::KeyService& service() { return cache_ ? *cache_ : kms_; }
