@@ -51,6 +51,7 @@ std::shared_ptr<keyclient::DataKeyPrefetcher> FileKeys::make_prefetcher(const st
   if (!cache_ || options_.prefetch == 0) return nullptr;
   keyclient::DataKeyPrefetcherOptions po;
   po.pool_size = options_.prefetch;
+  po.max_pool_size = options_.prefetch * 8;
   po.max_age = std::chrono::duration<double>(options_.cache_ttl);
   return std::make_shared<keyclient::DataKeyPrefetcher>(
       *cache_, key_id, "AES_256", [this](const crypto::FileId& id) { return context_for(id); }, po);

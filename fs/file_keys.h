@@ -30,7 +30,7 @@ struct FileKeyOptions {
   bool cache = true;
   double cache_ttl = 300;          // seconds a cached or prefetched data key stays usable
   std::size_t cache_entries = 4096;
-  std::size_t prefetch = 4;        // pre-generated data keys kept ready (0 = none)
+  std::size_t prefetch = 8;        // pre-generated data keys kept ready at first, up to 8x under load (0 = none)
 };
 
 // While the KMS is unreachable, files already open keep their DEK (it lives

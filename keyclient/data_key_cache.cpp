@@ -1,5 +1,6 @@
 #include "keyclient/data_key_cache.h"
 
+#include <algorithm>
 #include <cstring>
 
 #include <nlohmann/json.hpp>
@@ -152,8 +153,15 @@ DataKeyPrefetcher::DataKeyPrefetcher(KeyService& kms, std::string key_id, std::s
       key_id_(std::move(key_id)),
       key_spec_(std::move(key_spec)),
       context_for_(std::move(context_for)),
-      opts_(options) {
-  if (opts_.pool_size > 0) thread_ = std::thread([this] { run(); });
+      opts_(options),
+      target_(opts_.pool_size),
+      last_take_(Clock::now()),  // the first fill happens at once
+      backoff_(opts_.initial_backoff) {
+  if (opts_.pool_size == 0) return;
+  opts_.max_pool_size = std::max(opts_.max_pool_size, opts_.pool_size);
+  const std::size_t n = std::clamp<std::size_t>(opts_.refillers, 1, opts_.max_pool_size);
+  threads_.reserve(n);
+  for (std::size_t i = 0; i < n; ++i) threads_.emplace_back([this] { run(); });
 }
 
 DataKeyPrefetcher::~DataKeyPrefetcher() {
@@ -162,7 +170,9 @@ DataKeyPrefetcher::~DataKeyPrefetcher() {
     stop_ = true;
   }
   cv_.notify_all();
-  if (thread_.joinable()) thread_.join();
+  for (auto& t : threads_) {
+    if (t.joinable()) t.join();
+  }
 }
 
 std::optional<PrefetchedDataKey> DataKeyPrefetcher::take() {
@@ -170,7 +180,8 @@ std::optional<PrefetchedDataKey> DataKeyPrefetcher::take() {
   std::list<Pooled> stale;  // destroyed (cleansed) outside the lock
   {
     std::lock_guard<std::mutex> lock(mu_);
-    const auto now = std::chrono::steady_clock::now();
+    const auto now = Clock::now();
+    last_take_ = now;
     while (!pool_.empty()) {
       auto it = pool_.begin();
       if (now - it->made > opts_.max_age) {
@@ -181,9 +192,16 @@ std::optional<PrefetchedDataKey> DataKeyPrefetcher::take() {
       pool_.erase(it);
       break;
     }
+    // Files are made faster than the pool refills: keep more ready.
+    if (!out && opts_.pool_size > 0) target_ = std::min(target_ * 2, opts_.max_pool_size);
   }
   cv_.notify_all();
   return out;
+}
+
+std::size_t DataKeyPrefetcher::target() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return target_;
 }
 
 std::size_t DataKeyPrefetcher::available() const {
@@ -191,22 +209,46 @@ std::size_t DataKeyPrefetcher::available() const {
   return pool_.size();
 }
 
+std::uint64_t DataKeyPrefetcher::generated() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return generated_;
+}
+
+bool DataKeyPrefetcher::want_refill_locked(Clock::time_point now, std::list<Pooled>& out) {
+  for (auto it = pool_.begin(); it != pool_.end();) {
+    auto next = std::next(it);
+    if (now - it->made > opts_.max_age) out.splice(out.end(), pool_, it);
+    it = next;
+  }
+  if (now - last_take_ > opts_.max_age) {
+    target_ = opts_.pool_size;  // idle: back to the base size, and no refill
+    return false;
+  }
+  return pool_.size() + in_flight_ < target_ && now >= retry_at_;
+}
+
 void DataKeyPrefetcher::run() {
   auto log = named_logger("kmsfs.kms");
-  auto backoff = opts_.initial_backoff;
-  bool failing = false;
+  const auto tick = std::chrono::duration_cast<Clock::duration>(opts_.max_age) / 2;
   while (true) {
+    std::list<Pooled> stale;  // cleansed outside the lock
     {
       std::unique_lock<std::mutex> lock(mu_);
-      // Wake at least once per max_age to drop stale keys and refill.
-      cv_.wait_for(lock, std::chrono::duration_cast<std::chrono::milliseconds>(opts_.max_age) / 2,
-                   [&] { return stop_ || pool_.size() < opts_.pool_size; });
-      if (stop_) return;
-      const auto now = std::chrono::steady_clock::now();
-      pool_.remove_if([&](const Pooled& p) { return now - p.made > opts_.max_age; });
-      if (pool_.size() >= opts_.pool_size) continue;
+      while (true) {
+        if (stop_) return;
+        const auto now = Clock::now();
+        if (want_refill_locked(now, stale)) break;
+        // Wake at least every max_age / 2 to drop stale keys, and when a
+        // back-off ends.
+        auto until = now + tick;
+        if (retry_at_ > now) until = std::min(until, retry_at_);
+        cv_.wait_until(lock, until);
+      }
+      ++in_flight_;
     }
-    // The KMS call happens without the lock.
+    stale.clear();
+    // The KMS call happens without the lock, concurrently with the other
+    // refillers' (their audit flushes are shared).
     PrefetchedDataKey k;
     crypto::random_bytes(k.file_id);
     GenerateDataKeyRequest req;
@@ -214,27 +256,28 @@ void DataKeyPrefetcher::run() {
     req.key_spec = key_spec_;
     req.encryption_context = context_for_(k.file_id);
     auto res = kms_.generate_data_key(req);
+    std::lock_guard<std::mutex> lock(mu_);
+    --in_flight_;
     if (!res) {
-      if (!failing) {
+      if (!failing_) {
         log->warn("data-key prefetch paused: {}; file creation asks the KMS directly until it answers",
                   res.error().to_string());
       }
-      failing = true;
-      std::unique_lock<std::mutex> lock(mu_);
-      cv_.wait_for(lock, backoff, [&] { return stop_; });
-      if (stop_) return;
-      backoff = std::min(backoff * 2, opts_.max_backoff);
+      failing_ = true;
+      retry_at_ = Clock::now() + backoff_;
+      backoff_ = std::min(backoff_ * 2, opts_.max_backoff);
       continue;
     }
-    if (failing) log->info("data-key prefetch resumed");
-    failing = false;
-    backoff = opts_.initial_backoff;
+    if (failing_) log->info("data-key prefetch resumed");
+    failing_ = false;
+    backoff_ = opts_.initial_backoff;
+    retry_at_ = {};
+    ++generated_;
+    if (stop_) return;
     k.plaintext = std::move(res->plaintext);
     k.ciphertext_blob = std::move(res->ciphertext_blob);
     k.key_id = std::move(res->key_id);
-    std::lock_guard<std::mutex> lock(mu_);
-    if (stop_) return;
-    pool_.push_back(Pooled{std::move(k), std::chrono::steady_clock::now()});
+    pool_.push_back(Pooled{std::move(k), Clock::now()});
   }
 }
 

@@ -12,9 +12,14 @@
 //   The trade-off, as in the AWS SDK: a key disabled or a policy changed in
 //   the KMS takes effect for cached data keys only when they expire.
 // - DataKeyPrefetcher: a small pool of pre-generated (file id, DEK, wrapped
-//   DEK) triples for one filesystem, refilled by a background thread, so a
-//   file create does not wait for the HSM. The encryption context binds the
-//   file id, so the prefetcher makes the file id too.
+//   DEK) triples for one filesystem, refilled by background threads, so a
+//   file create does not wait for the KMS (the HSM call and the audit
+//   record's disk flush). Several refills run at once, so that their audit
+//   flushes are shared (group commit). The encryption context binds the
+//   file id, so the prefetcher makes the file id too. An idle pool is not
+//   topped up: keys that age out while nobody creates files are dropped and
+//   made again only when files are created again, so an idle mount adds no
+//   GenerateDataKey records to the audit trail.
 //
 // Thread safety: all public methods may be called concurrently.
 
@@ -30,6 +35,7 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <vector>
 
 #include "crypto/secure_buffer.h"
 #include "keyclient/key_service.h"
@@ -122,7 +128,13 @@ struct PrefetchedDataKey {
 };
 
 struct DataKeyPrefetcherOptions {
+  // Keys kept ready. A take() that finds the pool empty doubles the target
+  // (files are being created faster than the pool refills), up to
+  // max_pool_size; an idle pool falls back to pool_size.
   std::size_t pool_size = 8;
+  std::size_t max_pool_size = 64;
+  // GenerateDataKey calls in flight at once while refilling (threads).
+  std::size_t refillers = 8;
   // A pre-generated key older than this is discarded (a key rotated in the
   // meantime then wraps new files under its newest version soon enough).
   std::chrono::duration<double> max_age{300.0};
@@ -144,13 +156,18 @@ class DataKeyPrefetcher {
   // A fresh triple if the pool has one (never blocks); wakes the refiller.
   std::optional<PrefetchedDataKey> take();
   std::size_t available() const;
+  std::size_t target() const;       // keys the refillers keep ready now
+  std::uint64_t generated() const;  // GenerateDataKey calls that succeeded
 
  private:
+  using Clock = std::chrono::steady_clock;
   struct Pooled {
     PrefetchedDataKey key;
-    std::chrono::steady_clock::time_point made;
+    Clock::time_point made;
   };
   void run();
+  // Moves aged-out keys to `out`; true when a refiller should make a key.
+  bool want_refill_locked(Clock::time_point now, std::list<Pooled>& out);
 
   KeyService& kms_;
   std::string key_id_;
@@ -158,11 +175,18 @@ class DataKeyPrefetcher {
   ContextFn context_for_;
   DataKeyPrefetcherOptions opts_;
 
-  mutable std::mutex mu_;  // guards pool_, stop_
+  mutable std::mutex mu_;  // guards everything below but threads_
   std::condition_variable cv_;
   std::list<Pooled> pool_;
+  std::size_t in_flight_ = 0;
+  std::size_t target_;
+  Clock::time_point last_take_;   // demand: refill only within max_age of a take
+  Clock::time_point retry_at_{};  // while the KMS fails: next attempt
+  std::chrono::milliseconds backoff_;
+  bool failing_ = false;
+  std::uint64_t generated_ = 0;
   bool stop_ = false;
-  std::thread thread_;  // last: started after everything above exists
+  std::vector<std::thread> threads_;  // last: started after everything above exists
 };
 
 }  // namespace kmsfs::keyclient

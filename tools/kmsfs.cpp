@@ -342,15 +342,11 @@ int cmd_mount(const kmsfs::cli::GlobalOptions& g, const std::vector<std::string>
   // No core dumps of a process holding data keys.
   (void)::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
 
-  // The data keys an embedded core hands this mount never leave this
-  // process (they live in SecureBuffers here): their audit records are
-  // written before each call returns and synced within the audit interval,
-  // instead of one disk flush per file opened or created. Plaintext that
-  // leaves a process (kmsd's responses, kmsctl's output) is synced first.
-  // KMSFS_AUDIT_SYNC_PLAINTEXT=1 makes the mount sync them first too.
+  // The audit record of every call whose response carries a data key is on
+  // disk before the key is used (KMSFS_AUDIT_SYNC_PLAINTEXT=0 relaxes
+  // that, docs/kms-api.md "Audit trail"); the prefetch pool keeps that
+  // flush off the path of a file create.
   kmsfs::keyclient::KmsOptions kms_opts = g.kms;
-  const char* sync_plaintext = std::getenv("KMSFS_AUDIT_SYNC_PLAINTEXT");
-  if (sync_plaintext == nullptr || *sync_plaintext == '\0') kms_opts.audit_sync_plaintext = 0;
   auto kms = kmsfs::keyclient::make_key_service(kms_opts);
   if (!kms) {
     int code = fail(kmsfs::cli::exit_code_for(kms.error()), "KMS: " + kms.error().to_string());

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
 #include <thread>
 
 #include <nlohmann/json.hpp>
@@ -18,6 +19,9 @@ class FakeKms final : public KeyService {
   std::atomic<int> generates{0};
   std::atomic<int> decrypts{0};
   std::atomic<bool> down{false};
+  std::chrono::milliseconds generate_delay{0};
+  std::atomic<int> in_flight{0};
+  std::atomic<int> max_in_flight{0};
 
   KmsResult<CreateKeyResponse> create_key(const CreateKeyRequest&) override { return unsupported(); }
   KmsResult<DescribeKeyResponse> describe_key(const DescribeKeyRequest&) override { return unsupported(); }
@@ -32,6 +36,11 @@ class FakeKms final : public KeyService {
 
   KmsResult<GenerateDataKeyResponse> generate_data_key(const GenerateDataKeyRequest& req) override {
     if (down) return kms_error(KmsErrorCode::KMSInternalException, "down");
+    const int now = ++in_flight;
+    for (int seen = max_in_flight.load(); now > seen && !max_in_flight.compare_exchange_weak(seen, now);) {
+    }
+    if (generate_delay.count() > 0) std::this_thread::sleep_for(generate_delay);
+    --in_flight;
     ++generates;
     GenerateDataKeyResponse r;
     r.key_id = "arn:test";
@@ -181,6 +190,76 @@ TEST(DataKeyPrefetcher, EmptyPoolWhileTheKmsIsDown) {
   std::this_thread::sleep_for(std::chrono::milliseconds(50));
   EXPECT_FALSE(pf.take());
   kms.down = false;
+}
+
+// The refill of a drained pool runs several GenerateDataKey calls at once
+// (so that the core's audit flushes are shared), never more than asked.
+TEST(DataKeyPrefetcher, RefillsWithSeveralCallsInFlight) {
+  FakeKms kms;
+  kms.generate_delay = std::chrono::milliseconds(150);
+  DataKeyPrefetcherOptions o;
+  o.pool_size = 8;
+  o.refillers = 4;
+  DataKeyPrefetcher pf(kms, "k", "AES_256", [](const auto&) { return EncryptionContext{}; }, o);
+  for (int i = 0; i < 500 && pf.available() < 8; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_EQ(pf.available(), 8u);
+  EXPECT_GE(kms.max_in_flight.load(), 2);
+  EXPECT_LE(kms.max_in_flight.load(), 4);
+  // Never more keys than the pool holds, however many refillers run.
+  std::this_thread::sleep_for(std::chrono::milliseconds(400));
+  EXPECT_EQ(kms.generates.load(), 8);
+  EXPECT_EQ(pf.generated(), 8u);
+}
+
+// Keys that age out while nobody creates files are dropped and not made
+// again (no GenerateDataKey records from an idle mount); the next take
+// misses and starts the refill.
+TEST(DataKeyPrefetcher, IdlePoolIsNotToppedUp) {
+  FakeKms kms;
+  DataKeyPrefetcherOptions o;
+  o.pool_size = 2;
+  o.max_pool_size = 2;
+  o.max_age = std::chrono::milliseconds(200);
+  DataKeyPrefetcher pf(kms, "k", "AES_256", [](const auto&) { return EncryptionContext{}; }, o);
+  for (int i = 0; i < 500 && pf.generated() < 2; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ASSERT_EQ(pf.generated(), 2u);
+  // Four ages later: the stale keys are gone and none was made again.
+  std::this_thread::sleep_for(std::chrono::milliseconds(800));
+  EXPECT_EQ(pf.available(), 0u);
+  EXPECT_EQ(kms.generates.load(), 2);
+  EXPECT_FALSE(pf.take());  // a create now asks the KMS itself
+  for (int i = 0; i < 500 && pf.available() < 2; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_EQ(pf.available(), 2u);
+  EXPECT_EQ(kms.generates.load(), 4);
+}
+
+// A take that finds the pool empty doubles the number of keys kept ready,
+// up to max_pool_size; after an idle max_age it is back to pool_size.
+TEST(DataKeyPrefetcher, PoolGrowsWhileDrainedAndShrinksWhenIdle) {
+  FakeKms kms;
+  DataKeyPrefetcherOptions o;
+  o.pool_size = 2;
+  o.max_pool_size = 8;
+  o.max_age = std::chrono::milliseconds(1500);
+  DataKeyPrefetcher pf(kms, "k", "AES_256", [](const auto&) { return EncryptionContext{}; }, o);
+  EXPECT_EQ(pf.target(), 2u);
+  for (int i = 0; i < 500 && pf.available() < 2; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  ASSERT_EQ(pf.available(), 2u);
+  kms.generate_delay = std::chrono::milliseconds(300);  // refills now lag the takes
+  EXPECT_TRUE(pf.take());
+  EXPECT_TRUE(pf.take());
+  EXPECT_EQ(pf.target(), 2u);
+  EXPECT_FALSE(pf.take());
+  EXPECT_EQ(pf.target(), 4u);
+  EXPECT_FALSE(pf.take());
+  EXPECT_EQ(pf.target(), 8u);
+  EXPECT_FALSE(pf.take());
+  EXPECT_EQ(pf.target(), 8u);  // capped
+  for (int i = 0; i < 1000 && pf.available() < 8; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_EQ(pf.available(), 8u);
+  // Idle for over an age: back to the base size.
+  std::this_thread::sleep_for(std::chrono::milliseconds(2500));
+  EXPECT_EQ(pf.target(), 2u);
 }
 
 }  // namespace
