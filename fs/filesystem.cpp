@@ -20,6 +20,7 @@
 #include "crypto/block_layout.h"
 #include "crypto/encoding.h"
 #include "crypto/random.h"
+#include "fs/header_lock.h"
 #include "fs/volume.h"
 
 namespace kmsfs::fs {
@@ -662,6 +663,8 @@ Result<std::shared_ptr<const FileKey>, int> Filesystem::key_for_write(
       std::lock_guard sl(inode.state_mutex);
       if (inode.key) return inode.key;
     }
+    // Against `kmsfs rewrap` in another process (fs/header_lock.h).
+    const HeaderLock header_lock(fd);
     struct stat st {};
     if (::fstat(fd, &st) != 0) return unexpected(errno);
     if (st.st_size == 0 && fresh) {

@@ -13,6 +13,7 @@
 
 #include "crypto/encoding.h"
 #include "crypto/file_header.h"
+#include "fs/header_lock.h"
 #include "fs/unique_fd.h"
 #include "fs/volume.h"
 #include "keyclient/ciphertext_blob.h"
@@ -127,6 +128,8 @@ Result<FileOutcome, std::string> rewrap_file(keyclient::KeyService& kms, const s
   const auto new_bytes = next.encode();
   // A live mount may have replaced the file's header meanwhile (truncate to
   // zero, then a new DEK): never overwrite a header other than the one read.
+  // The mount writes a new header only under the same lock (fs/header_lock.h).
+  const HeaderLock header_lock(fd.get());
   std::array<std::uint8_t, crypto::FileHeader::kSize> again{};
   if (::pread(fd.get(), again.data(), again.size(), 0) != static_cast<ssize_t>(again.size()) || again != old_bytes) {
     return unexpected("the header changed while it was being rewrapped (file in use); run rewrap again");

@@ -10,6 +10,7 @@
 #include <gtest/gtest.h>
 
 #include <array>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <optional>
@@ -169,6 +170,62 @@ TEST(Rewrap, ThousandFilesInterruptedAndResumedOnALiveMount) {
   for (int i = 0; i < kFiles; i += 11) {
     ASSERT_EQ(read_file(m.path(name(i))), random_bytes(100 + static_cast<std::size_t>(i), static_cast<std::uint32_t>(i)));
   }
+}
+
+// Rewrap replaces a header only while holding an OFD write lock on the
+// header's bytes, and a live mount writes the first header of an emptied
+// file only under the same lock: otherwise a rewrap that read the old
+// header could write it back over the new one (truncate to zero, then a
+// new data key), leaving the data under a key no header names. Here the
+// test holds the lock as rewrap would: the mount's write must wait for it.
+TEST(Rewrap, MountWaitsForTheHeaderLockARewrapHolds) {
+  TempKms kms;
+  Mount m(kms.root(), "lk");
+  m.mount();
+  const std::vector<std::uint8_t> first = random_bytes(5000, 1);
+  const std::vector<std::uint8_t> second = random_bytes(7000, 2);
+  write_file(m.path("f"), first);
+  std::string backing;
+  for (const auto& f : list_files(m.cipher())) {
+    if (header_key(f)) backing = f;
+  }
+  ASSERT_FALSE(backing.empty());
+  const int bfd = ::open(backing.c_str(), O_RDWR | O_CLOEXEC);
+  ASSERT_GE(bfd, 0) << std::strerror(errno);
+  struct flock fl {};
+  fl.l_type = F_WRLCK;
+  fl.l_whence = SEEK_SET;
+  fl.l_len = 128;
+  ASSERT_EQ(::fcntl(bfd, F_OFD_SETLK, &fl), 0) << std::strerror(errno);
+
+  std::atomic<bool> done{false};
+  std::atomic<int> error{0};
+  std::thread writer([&] {
+    const int fd = ::open(m.path("f").c_str(), O_WRONLY | O_TRUNC);
+    if (fd < 0) {
+      error = errno;
+    } else {
+      if (::write(fd, second.data(), second.size()) != static_cast<ssize_t>(second.size()) || ::fsync(fd) != 0) {
+        error = errno;
+      }
+      ::close(fd);
+    }
+    done = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const bool waited = !done.load();
+  fl.l_type = F_UNLCK;
+  EXPECT_EQ(::fcntl(bfd, F_OFD_SETLK, &fl), 0);
+  writer.join();
+  ::close(bfd);
+  EXPECT_TRUE(waited) << "the mount wrote a new header while the header lock was held";
+  EXPECT_EQ(error.load(), 0) << std::strerror(error.load());
+  EXPECT_EQ(read_file(m.path("f")), second);
+  m.unmount();
+  auto r = run_command({bin("kmsfs"), "fsck", m.cipher()});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  m.mount();
+  EXPECT_EQ(read_file(m.path("f")), second);
 }
 
 }  // namespace
