@@ -264,8 +264,13 @@ void DataKeyPrefetcher::run() {
                   res.error().to_string());
       }
       failing_ = true;
-      retry_at_ = Clock::now() + backoff_;
-      backoff_ = std::min(backoff_ * 2, opts_.max_backoff);
+      // The calls in flight with this one fail together: one back-off step
+      // for all of them, not one each.
+      const auto now = Clock::now();
+      if (now >= retry_at_) {
+        retry_at_ = now + backoff_;
+        backoff_ = std::min(backoff_ * 2, opts_.max_backoff);
+      }
       continue;
     }
     if (failing_) log->info("data-key prefetch resumed");

@@ -211,6 +211,24 @@ TEST(DataKeyPrefetcher, RefillsWithSeveralCallsInFlight) {
   EXPECT_EQ(pf.generated(), 8u);
 }
 
+// Refillers whose calls fail together take one back-off step, not one
+// each: a KMS back after a short outage refills the pool soon.
+TEST(DataKeyPrefetcher, ConcurrentFailuresBackOffOnce) {
+  FakeKms kms;
+  kms.down = true;
+  DataKeyPrefetcherOptions o;
+  o.pool_size = 8;
+  o.refillers = 8;
+  o.initial_backoff = std::chrono::milliseconds(50);
+  o.max_backoff = std::chrono::milliseconds(60'000);
+  DataKeyPrefetcher pf(kms, "k", "AES_256", [](const auto&) { return EncryptionContext{}; }, o);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  kms.down = false;
+  // Eight steps (one per failed call) would wait 50 ms × 2^7 = 6.4 s.
+  for (int i = 0; i < 400 && pf.available() < 8; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  EXPECT_EQ(pf.available(), 8u);
+}
+
 // Keys that age out while nobody creates files are dropped and not made
 // again (no GenerateDataKey records from an idle mount); the next take
 // misses and starts the refill.
