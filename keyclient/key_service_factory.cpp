@@ -133,6 +133,7 @@ KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts) {
   }  // the init lock is released before the core takes it for its own writes
 
   KmsCoreOptions core_opts;
+  core_opts.background_maintenance = true;  // an idle kmsd or mount still shreds on time
   if (o.audit_sync_interval_ms >= 0) core_opts.audit_sync_interval = std::chrono::milliseconds(o.audit_sync_interval_ms);
   core_opts.audit_sync_plaintext = o.audit_sync_plaintext != 0;
   if (!o.audit_dir.empty()) {

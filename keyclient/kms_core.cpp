@@ -929,8 +929,30 @@ KmsCore::KmsCore(std::string state_dir, std::unique_ptr<Hsm> hsm, Clock clock, K
     : impl_(std::make_unique<Impl>(std::move(state_dir), std::move(hsm), with_test_offset(std::move(clock)),
                                    options)) {
   impl_->maybe_maintain();  // deletions and rotations that fell due while no core ran
+  if (impl_->opts.background_maintenance && impl_->opts.maintenance_interval_seconds > 0) {
+    impl_->maintainer = std::thread([impl = impl_.get()] {
+      const auto period = std::chrono::duration_cast<std::chrono::milliseconds>(
+          std::chrono::duration<double>(impl->opts.maintenance_interval_seconds));
+      std::unique_lock<std::mutex> lock(impl->maintainer_mu);
+      while (!impl->maintainer_cv.wait_for(lock, period, [impl] { return impl->maintainer_stop; })) {
+        lock.unlock();
+        impl->maybe_maintain();  // logs its own failures; retried next period
+        lock.lock();
+      }
+    });
+  }
 }
-KmsCore::~KmsCore() = default;
+
+KmsCore::~KmsCore() {
+  if (impl_->maintainer.joinable()) {
+    {
+      std::lock_guard<std::mutex> lock(impl_->maintainer_mu);
+      impl_->maintainer_stop = true;
+    }
+    impl_->maintainer_cv.notify_all();
+    impl_->maintainer.join();
+  }
+}
 
 KmsResult<void> KmsCore::run_maintenance() {
   {

@@ -46,6 +46,12 @@ struct KmsCoreOptions {
   // Scheduled deletions, expired imported material and automatic rotations
   // are processed at construction and then at most this often, on calls.
   double maintenance_interval_seconds = 60;
+  // Also from a background thread every maintenance_interval_seconds (real
+  // time), so that an idle kmsd or mount destroys material whose deletion
+  // window ended without waiting for a call. make_kms_core turns it on;
+  // off here so that a test driving an unsynchronised fake clock has no
+  // second thread reading it.
+  bool background_maintenance = false;
   std::uint64_t audit_checkpoint_every = 64;
   // Data-plane records (GenerateDataKey*, Encrypt, Decrypt, ReEncrypt,
   // GenerateRandom, reads) are written before the call returns and

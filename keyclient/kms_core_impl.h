@@ -18,11 +18,13 @@
 // serialises read-modify-writes of records across processes; the audit
 // log's own flock is taken only after the store lock is released.
 
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -108,6 +110,11 @@ struct KmsCore::Impl {
   std::mutex mu;
   std::map<std::string, std::uint64_t> wrap_left;  // guarded by mu: HSM label -> reserved wraps left
   double last_maintenance = -1e300;                // guarded by mu
+  // Background maintenance (KmsCoreOptions::background_maintenance).
+  std::mutex maintainer_mu;  // guards maintainer_stop
+  std::condition_variable maintainer_cv;
+  bool maintainer_stop = false;
+  std::thread maintainer;
   std::map<uid_t, std::pair<double, Principal>> principals;  // guarded by mu: uid -> (resolved at, principal)
 
   // --- plumbing

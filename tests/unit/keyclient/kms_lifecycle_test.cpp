@@ -4,10 +4,13 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <thread>
 #include <nlohmann/json.hpp>
 
 #include "crypto/encoding.h"
@@ -222,6 +225,31 @@ TEST_F(KmsLifecycleTest, ScheduledDeletionDestroysEveryVersionInTheHsm) {
   auto hsm = test::open_test_hsm(token_);
   EXPECT_FALSE(*hsm->key_exists("kmsfs/" + k + "/v1"));
   EXPECT_FALSE(*hsm->key_exists("kmsfs/" + k + "/v2"));
+}
+
+// "Processed when the core starts and periodically while it runs": an idle
+// core (no call at all) still destroys the material when the window ends.
+TEST(KmsCoreMaintenance, IdleCoreDestroysMaterialWhenTheWindowEnds) {
+  const std::string state = test::make_temp_dir("idle");
+  const std::string token = test::unique_token_label();
+  std::atomic<double> now{1700000000.0};
+  KmsCoreOptions opts;
+  opts.background_maintenance = true;
+  opts.maintenance_interval_seconds = 0.1;
+  KmsCore core(state, test::open_test_hsm(token), [&now] { return now.load(); }, opts);
+  const CallerIdentity me{0, 0, ::getpid()};
+  auto created = dispatch_kms_request(core, me, "CreateKey", json::object());
+  ASSERT_TRUE(created) << created.error().to_string();
+  const std::string k = (*created)["KeyMetadata"]["KeyId"];
+  ASSERT_TRUE(dispatch_kms_request(core, me, "ScheduleKeyDeletion", {{"KeyId", k}, {"PendingWindowInDays", 7}}));
+  const std::string record = state + "/keys/" + k + ".json";
+  ASSERT_TRUE(std::filesystem::exists(record));
+  now = now.load() + 8 * kDay;  // from here on, no call reaches the core
+  for (int i = 0; i < 1000 && std::filesystem::exists(record); ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_FALSE(std::filesystem::exists(record));
+  EXPECT_FALSE(*test::open_test_hsm(token)->key_exists("kmsfs/" + k + "/v1"));
 }
 
 TEST_F(KmsLifecycleTest, DeletionDueWhileNoCoreRanHappensAtStart) {
