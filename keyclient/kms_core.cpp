@@ -92,17 +92,40 @@ json context_json(const EncryptionContext& ctx) {
   return j;
 }
 
+// Grant constraints match context keys without regard to case and values
+// exactly (AWS: "the key in each key-value pair is not case sensitive, but
+// the value is case sensitive").
+bool same_key(const std::string& a, const std::string& b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+           return std::tolower(static_cast<unsigned char>(x)) == std::tolower(static_cast<unsigned char>(y));
+         });
+}
+
+bool context_has(const EncryptionContext& ctx, const std::string& key, const std::string& value) {
+  return std::any_of(ctx.begin(), ctx.end(), [&](const auto& kv) { return same_key(kv.first, key) && kv.second == value; });
+}
+
+}  // namespace
+
+bool grant_context_includes(const EncryptionContext& ctx, const EncryptionContext& required) {
+  return std::all_of(required.begin(), required.end(), [&](const auto& kv) { return context_has(ctx, kv.first, kv.second); });
+}
+
+namespace {
+
 bool is_grant_op_match(const Grant& g, const std::string& op, const EncryptionContext* ctx) {
   if (std::find(g.operations.begin(), g.operations.end(), op) == g.operations.end()) return false;
+  // Operations without an encryption context are not constrained (AWS:
+  // DescribeKey, RetireGrant; CreateGrant's constraint binds the grants it
+  // creates instead, checked by create_grant).
+  if (op == "DescribeKey" || op == "RetireGrant" || op == "CreateGrant") return true;
   if (g.context_equals) {
-    if (ctx == nullptr || *ctx != *g.context_equals) return false;
+    if (ctx == nullptr || ctx->size() != g.context_equals->size() || !grant_context_includes(*ctx, *g.context_equals)) {
+      return false;
+    }
   }
   if (g.context_subset) {
-    if (ctx == nullptr) return false;
-    for (const auto& [k, v] : *g.context_subset) {
-      auto it = ctx->find(k);
-      if (it == ctx->end() || it->second != v) return false;
-    }
+    if (ctx == nullptr || !grant_context_includes(*ctx, *g.context_subset)) return false;
   }
   return true;
 }
@@ -566,9 +589,17 @@ KmsResult<void> KmsCore::Impl::authorize(Call& call, const KeyRecord& rec, const
   }
   if (d == PolicyDecision::Allow) return {};
   const std::string op = action.substr(4);  // "kms:Decrypt" -> "Decrypt"
+  bool allowed = false;
   for (const auto& g : rec.grants) {
-    if (local_principal_matches(g.grantee_principal, call.principal) && is_grant_op_match(g, op, ctx)) return {};
+    if (local_principal_matches(g.grantee_principal, call.principal) && is_grant_op_match(g, op, ctx)) {
+      if (op != "CreateGrant") return {};
+      // The grants this one may create are bounded by it: create_grant
+      // checks the new grant against every grant that allowed the call.
+      call.create_grant_parents.push_back(g);
+      allowed = true;
+    }
   }
+  if (allowed) return {};
   return err(KmsErrorCode::AccessDeniedException, "User: " + who + " is not authorized to perform: " + action +
                                                       " on resource: " + rec.metadata.arn +
                                                       " because no resource-based policy or grant allows the " +

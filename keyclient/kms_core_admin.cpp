@@ -462,6 +462,37 @@ KmsResult<json> KmsCore::list_key_policies(const CallerIdentity& caller, const j
 
 // --- grants ----------------------------------------------------------------
 
+namespace {
+
+// A grant created under a grant's CreateGrant permission: its operations a
+// subset of the parent's, its encryption context constraint equally strict
+// or stricter (AWS CreateGrant: "the constraint requires that any grants
+// created with the CreateGrant permission have an equally strict or
+// stricter encryption context constraint").
+bool grant_within(const Grant& child, const Grant& parent) {
+  for (const auto& op : child.operations) {
+    if (std::find(parent.operations.begin(), parent.operations.end(), op) == parent.operations.end()) return false;
+  }
+  if (parent.context_equals) {
+    // Only the same exact context is as strict as an Equals constraint.
+    if (!child.context_equals || child.context_equals->size() != parent.context_equals->size() ||
+        !grant_context_includes(*child.context_equals, *parent.context_equals)) {
+      return false;
+    }
+  }
+  if (parent.context_subset) {
+    // Any context the child allows must hold the parent's pairs: its
+    // Equals context (the only one it allows) or its Subset pairs.
+    const EncryptionContext* c = child.context_equals ? &*child.context_equals
+                                 : child.context_subset ? &*child.context_subset
+                                                        : nullptr;
+    if (c == nullptr || !grant_context_includes(*c, *parent.context_subset)) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
 KmsResult<json> KmsCore::create_grant(const CallerIdentity& caller, const json& body) {
   return impl_->run_json(caller, "CreateGrant", false, body, [&](Call& call) -> KmsResult<json> {
     Grant g;
@@ -495,6 +526,14 @@ KmsResult<json> KmsCore::create_grant(const CallerIdentity& caller, const json& 
     }
     auto rec = impl_->key_for(call, body, "CreateGrant", false);
     if (!rec) return Unexpected<KmsError>(rec.error());
+    if (!call.create_grant_parents.empty() &&
+        std::none_of(call.create_grant_parents.begin(), call.create_grant_parents.end(),
+                     [&](const Grant& parent) { return grant_within(g, parent); })) {
+      return err(KmsErrorCode::AccessDeniedException,
+                 "a grant that allows CreateGrant allows only grants with a subset of its operations and an "
+                 "encryption context constraint at least as strict as its own; the requested grant exceeds every "
+                 "such grant this caller holds on " + rec->metadata.arn);
+    }
     g.creation_date = impl_->clock();
     g.issuing_uid = caller.uid;
     std::string grant_id;

@@ -70,6 +70,10 @@ std::string random_hex(std::size_t bytes);
 KmsResult<void> validate_alias_name(const std::string& name);
 KmsResult<void> validate_tags(const std::vector<Tag>& tags);
 
+// Every pair of `required` is in `ctx`: keys compared without regard to
+// case, values exactly (grant constraints, as AWS matches them).
+bool grant_context_includes(const EncryptionContext& ctx, const EncryptionContext& required);
+
 // One call in progress: who, what, and what the audit record will say.
 struct Call {
   const CallerIdentity& caller;
@@ -86,6 +90,9 @@ struct Call {
   // GrantTokens of the request: each must name a grant on a key the call
   // uses (or, for a call using two keys, on either), checked by authorize().
   std::vector<std::string> grant_tokens{};
+  // CreateGrant allowed by grants rather than by the key policy: those
+  // grants (the new grant may not exceed all of them).
+  std::vector<Grant> create_grant_parents{};
   void add_resource(const std::string& arn);
 };
 

@@ -430,6 +430,57 @@ TEST_F(KmsLifecycleTest, GrantsAddPermissionsWithConstraints) {
             KmsErrorCode::AccessDeniedException);
 }
 
+// AWS GrantConstraints: a constraint binds only operations that take an
+// encryption context (DescribeKey and RetireGrant are allowed regardless),
+// constraint keys match without regard to case, and a grant's CreateGrant
+// creates only grants within it: a subset of its operations and an equally
+// strict or stricter constraint.
+TEST_F(KmsLifecycleTest, GrantConstraintsBindOnlyContextOperationsAndSubGrants) {
+  const std::string k = create();
+  const std::string a = encrypt(k, {{"vol", "a"}, {"file", "1"}});
+  ok("CreateGrant", {{"KeyId", k},
+                     {"GranteePrincipal", "uid:65534"},
+                     {"Operations", {"Decrypt", "DescribeKey", "CreateGrant", "RetireGrant"}},
+                     {"Constraints", {{"EncryptionContextSubset", {{"VOL", "a"}}}}}});
+  // DescribeKey takes no context: the constraint does not apply.
+  EXPECT_TRUE(call("DescribeKey", {{"KeyId", k}}, nobody_));
+  // Constraint keys ignore case, values do not.
+  EXPECT_TRUE(call("Decrypt", {{"CiphertextBlob", a}, {"EncryptionContext", {{"vol", "a"}, {"file", "1"}}}}, nobody_));
+  const std::string upper = encrypt(k, {{"vol", "A"}});
+  EXPECT_EQ(code("Decrypt", {{"CiphertextBlob", upper}, {"EncryptionContext", {{"vol", "A"}}}}, nobody_),
+            KmsErrorCode::AccessDeniedException);
+  // Sub-grants: within the parent is allowed ...
+  auto sub = call("CreateGrant", {{"KeyId", k},
+                                  {"GranteePrincipal", "uid:65533"},
+                                  {"Operations", {"Decrypt"}},
+                                  {"Constraints", {{"EncryptionContextSubset", {{"vol", "a"}, {"file", "1"}}}}}},
+                  nobody_);
+  EXPECT_TRUE(sub) << (sub ? "" : sub.error().to_string());
+  auto eq = call("CreateGrant", {{"KeyId", k},
+                                 {"GranteePrincipal", "uid:65533"},
+                                 {"Operations", {"Decrypt"}},
+                                 {"Constraints", {{"EncryptionContextEquals", {{"vol", "a"}}}}}},
+                 nobody_);
+  EXPECT_TRUE(eq) << (eq ? "" : eq.error().to_string());
+  // ... more operations, a weaker constraint or none are not.
+  EXPECT_EQ(code("CreateGrant", {{"KeyId", k},
+                                 {"GranteePrincipal", "uid:65533"},
+                                 {"Operations", {"Decrypt", "Encrypt"}},
+                                 {"Constraints", {{"EncryptionContextSubset", {{"vol", "a"}}}}}},
+                 nobody_),
+            KmsErrorCode::AccessDeniedException);
+  EXPECT_EQ(code("CreateGrant", {{"KeyId", k},
+                                 {"GranteePrincipal", "uid:65533"},
+                                 {"Operations", {"Decrypt"}},
+                                 {"Constraints", {{"EncryptionContextSubset", {{"file", "1"}}}}}},
+                 nobody_),
+            KmsErrorCode::AccessDeniedException);
+  EXPECT_EQ(code("CreateGrant", {{"KeyId", k}, {"GranteePrincipal", "uid:65533"}, {"Operations", {"Decrypt"}}}, nobody_),
+            KmsErrorCode::AccessDeniedException);
+  // The key policy (root) is not bounded by any grant.
+  ok("CreateGrant", {{"KeyId", k}, {"GranteePrincipal", "uid:65533"}, {"Operations", {"Decrypt", "Encrypt"}}});
+}
+
 // GrantTokens (AWS: "use a grant before it is eventually consistent"):
 // grants act at once here, so a token only has to be genuine.
 TEST_F(KmsLifecycleTest, GrantTokensMustNameALiveGrant) {
