@@ -728,6 +728,9 @@ KmsResult<json> KmsCore::import_key_material(const CallerIdentity& caller, const
       return err(KmsErrorCode::ValidationException, "ValidTo is not allowed with KEY_MATERIAL_DOES_NOT_EXPIRE");
     }
     if (valid_to && *valid_to <= impl_->clock()) return err(KmsErrorCode::ValidationException, "ValidTo is in the past");
+    if (valid_to && *valid_to > impl_->clock() + 365 * kDay) {
+      return err(KmsErrorCode::ValidationException, "ValidTo may be at most 365 days from now");
+    }
     auto rec = impl_->key_for(call, body, "ImportKeyMaterial", true);
     if (!rec) return Unexpected<KmsError>(rec.error());
     if (rec->metadata.origin != "EXTERNAL") {

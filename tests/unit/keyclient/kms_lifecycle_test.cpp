@@ -624,6 +624,12 @@ TEST_F(KmsLifecycleTest, ImportRoundTripWithOpensslWrappedMaterial) {
   EXPECT_EQ(meta["KeyState"], "Enabled");
   EXPECT_EQ(meta["ExpirationModel"], "KEY_MATERIAL_EXPIRES");
   const std::string blob = encrypt(k);
+  // ValidTo: in the future, at most 365 days ahead (AWS's limits).
+  json late = imp;
+  late["ValidTo"] = now_ + 366 * kDay;
+  EXPECT_EQ(code("ImportKeyMaterial", late), KmsErrorCode::ValidationException);
+  late["ValidTo"] = now_ - 1;
+  EXPECT_EQ(code("ImportKeyMaterial", late), KmsErrorCode::ValidationException);
   // Other material is refused; the same material is accepted again.
   json other = imp;
   other["EncryptedKeyMaterial"] = wrap("m2");
