@@ -45,25 +45,33 @@ std::string default_policy(uid_t creator) {
   return p.dump();
 }
 
-// The fixed policy of a managed key (KeyManager AWS): its users may use it
-// and read about it; nobody may administer it.
+// The fixed policy of a managed key (KeyManager AWS). As an AWS managed key
+// serves every principal of its account, this one serves every local user:
+// any uid may use it and read about it (a data key it wraps is still bound
+// to its file by the encryption context, and the backing files' own
+// permissions decide who gets a header to unwrap). Grants stay with root
+// and the uid that first used it; nobody may administer it.
 std::string managed_policy(uid_t creator) {
-  json principals = json::array({"uid:0"});
-  if (creator != 0) principals.push_back("uid:" + std::to_string(creator));
+  json owners = json::array({"uid:0"});
+  if (creator != 0) owners.push_back("uid:" + std::to_string(creator));
   json p{{"Version", "2012-10-17"},
-         {"Id", "auto-kmsfs-1"},
+         {"Id", "auto-kmsfs-2"},
          {"Statement",
-          {{{"Sid", "Allow use of the key by its users"},
+          {{{"Sid", "Allow use of the key by every local user"},
             {"Effect", "Allow"},
-            {"Principal", {{"Local", principals}}},
+            {"Principal", {{"Local", "*"}}},
             {"Action",
-             {"kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:CreateGrant",
-              "kms:ListGrants", "kms:RevokeGrant", "kms:RetireGrant", "kms:DescribeKey"}},
+             {"kms:Encrypt", "kms:Decrypt", "kms:ReEncrypt*", "kms:GenerateDataKey*", "kms:DescribeKey"}},
             {"Resource", "*"}},
            {{"Sid", "Allow reading the key's metadata"},
             {"Effect", "Allow"},
-            {"Principal", {{"Local", principals}}},
+            {"Principal", {{"Local", "*"}}},
             {"Action", {"kms:Describe*", "kms:Get*", "kms:List*"}},
+            {"Resource", "*"}},
+           {{"Sid", "Allow grants by root and the first user"},
+            {"Effect", "Allow"},
+            {"Principal", {{"Local", owners}}},
+            {"Action", {"kms:CreateGrant", "kms:ListGrants", "kms:RevokeGrant", "kms:RetireGrant"}},
             {"Resource", "*"}}}}};
   return p.dump();
 }
@@ -468,7 +476,17 @@ KmsResult<KeyRecord> KmsCore::Impl::ensure_default_key(const CallerIdentity& cal
   auto aliases = store.load_aliases();
   if (!aliases) return Unexpected<KmsError>(aliases.error());
   for (const auto& a : *aliases) {
-    if (a.alias_name == kDefaultManagedAlias) return load_existing(a.target_key_id, a.alias_name);
+    if (a.alias_name != kDefaultManagedAlias) continue;
+    auto existing = load_existing(a.target_key_id, a.alias_name);
+    if (!existing) return existing;
+    // A managed key made before every local user could use it: its fixed
+    // policy follows this version (the policy is the core's, never a user's).
+    if (existing->policy.find("\"auto-kmsfs-1\"") != std::string::npos) {
+      existing->policy = managed_policy(existing->creator_uid);
+      if (auto w = store.write_key(*existing); !w) return Unexpected<KmsError>(w.error());
+      log->info("updated the fixed policy of the managed key {} ({})", kDefaultManagedAlias, existing->metadata.key_id);
+    }
+    return existing;
   }
   auto rec = new_key(caller, kDefaultKeyDescription, "AWS", std::nullopt, {}, "AWS_KMS");
   if (!rec) return rec;

@@ -22,9 +22,12 @@ version of the volume's KMS key, or with --to-key to another key, through the
 KMS's ReEncrypt: no data key leaves the KMS and no file data is touched. Each
 128-byte header is replaced in one write; safe to interrupt and run again
 (files already under the target key version are skipped); the volume may be
-mounted meanwhile. With --to-key, kmsfs.json names the new key once every
-file is rewrapped (a mount started before keeps creating files under the old
-key until it is remounted: run rewrap again after remounting).
+mounted meanwhile. With --to-key, kmsfs.json names the new key first and
+rewrap waits two seconds before it scans: a live mount re-reads kmsfs.json
+at most a second apart and makes every new file under the new key from then
+on, so after a complete run no file needs the old key, mounted or not. An
+interrupted run is resumed by `kmsfs rewrap CIPHERDIR` (kmsfs.json already
+names the target). The volume's name key is rewrapped last.
 
 Options:
   --to-key KEY   key id, ARN or alias to rewrap to (default: the volume's key)

@@ -534,6 +534,15 @@ TEST_F(KmsLifecycleTest, ManagedKeyIsUsableButNotAdministrable) {
   EXPECT_EQ(code("RotateKeyOnDemand", {{"KeyId", k}}), KmsErrorCode::AccessDeniedException);
   EXPECT_EQ(code("DeleteAlias", {{"AliasName", "alias/kmsfs/default"}}), KmsErrorCode::InvalidAliasNameException);
   EXPECT_EQ(state_of(k), "Enabled");
+  // Like an AWS managed key for every principal of its account, it serves
+  // every local user (a shared kmsd); grants and administration it does not.
+  auto g = call("GenerateDataKey", {{"KeyId", "alias/kmsfs/default"}, {"KeySpec", "AES_256"}}, nobody_);
+  ASSERT_TRUE(g) << g.error().to_string();
+  EXPECT_TRUE(call("Decrypt", {{"CiphertextBlob", (*g)["CiphertextBlob"]}}, nobody_));
+  EXPECT_TRUE(call("DescribeKey", {{"KeyId", "alias/kmsfs/default"}}, nobody_));
+  EXPECT_EQ(code("CreateGrant", {{"KeyId", k}, {"GranteePrincipal", "uid:65534"}, {"Operations", {"Decrypt"}}}, nobody_),
+            KmsErrorCode::AccessDeniedException);
+  EXPECT_EQ(code("DisableKey", {{"KeyId", k}}, nobody_), KmsErrorCode::AccessDeniedException);
 }
 
 TEST_F(KmsLifecycleTest, ReEncryptMovesABlobToAnotherKeyAndContext) {
