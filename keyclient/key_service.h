@@ -93,6 +93,7 @@ struct AliasListEntry {
   std::string alias_arn;
   std::optional<std::string> target_key_id;
   std::optional<double> creation_date;
+  std::optional<double> last_updated_date;
 };
 struct ListAliasesRequest {
   std::optional<std::string> key_id;

@@ -296,6 +296,7 @@ KmsResult<std::vector<AliasRecord>> KeyStore::load_aliases() const {
       a.at("AliasName").get_to(r.alias_name);
       a.at("TargetKeyId").get_to(r.target_key_id);
       r.creation_date = a.value("CreationDate", 0.0);
+      r.last_updated_date = a.value("LastUpdatedDate", r.creation_date);
       out.push_back(std::move(r));
     }
   } catch (const std::exception& e) {
@@ -336,7 +337,10 @@ KmsResult<void> KeyStore::write_aliases(const std::vector<AliasRecord>& aliases)
   if (!d) return d;
   json arr = json::array();
   for (const auto& a : aliases) {
-    arr.push_back({{"AliasName", a.alias_name}, {"TargetKeyId", a.target_key_id}, {"CreationDate", a.creation_date}});
+    arr.push_back({{"AliasName", a.alias_name},
+                   {"TargetKeyId", a.target_key_id},
+                   {"CreationDate", a.creation_date},
+                   {"LastUpdatedDate", a.last_updated_date != 0 ? a.last_updated_date : a.creation_date}});
   }
   json j{{"FormatVersion", kFormatVersion}, {"Aliases", arr}};
   auto w = atomic_write_file(aliases_path(), j.dump(2) + "\n");

@@ -490,7 +490,7 @@ KmsResult<KeyRecord> KmsCore::Impl::ensure_default_key(const CallerIdentity& cal
   }
   auto rec = new_key(caller, kDefaultKeyDescription, "AWS", std::nullopt, {}, "AWS_KMS");
   if (!rec) return rec;
-  aliases->push_back(AliasRecord{kDefaultManagedAlias, rec->metadata.key_id, clock()});
+  aliases->push_back(AliasRecord{kDefaultManagedAlias, rec->metadata.key_id, clock(), clock()});
   auto w = store.write_aliases(*aliases);
   if (!w) return Unexpected<KmsError>(w.error());
   log->info("created the managed key {} ({})", kDefaultManagedAlias, rec->metadata.key_id);
@@ -1111,7 +1111,7 @@ KmsResult<void> KmsCore::create_alias(const CallerIdentity& caller, const Create
                    "An alias with the name " + std::string(kArnPrefix) + req.alias_name + " already exists");
       }
     }
-    aliases->push_back(AliasRecord{req.alias_name, rec->metadata.key_id, impl_->clock()});
+    aliases->push_back(AliasRecord{req.alias_name, rec->metadata.key_id, impl_->clock(), impl_->clock()});
     if (auto w = impl_->store.write_aliases(*aliases); !w) return Unexpected<KmsError>(w.error());
     return true;
   });
@@ -1142,7 +1142,8 @@ KmsResult<ListAliasesResponse> KmsCore::list_aliases(const CallerIdentity& calle
         out.next_marker = a.alias_name;
         break;
       }
-      out.aliases.push_back(AliasListEntry{a.alias_name, kArnPrefix + a.alias_name, a.target_key_id, a.creation_date});
+      out.aliases.push_back(AliasListEntry{a.alias_name, kArnPrefix + a.alias_name, a.target_key_id, a.creation_date,
+                                           a.last_updated_date != 0 ? a.last_updated_date : a.creation_date});
     }
     return out;
   });

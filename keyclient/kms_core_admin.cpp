@@ -323,6 +323,7 @@ KmsResult<json> KmsCore::update_alias(const CallerIdentity& caller, const json& 
     for (auto& a : *aliases) {
       if (a.alias_name == name) {
         a.target_key_id = next->metadata.key_id;
+        a.last_updated_date = impl_->clock();
         found = true;
       }
     }

@@ -110,12 +110,14 @@ void to_json(json& j, const AliasListEntry& v) {
   j = json{{"AliasName", v.alias_name}, {"AliasArn", v.alias_arn}};
   put_opt(j, "TargetKeyId", v.target_key_id);
   put_opt(j, "CreationDate", v.creation_date);
+  put_opt(j, "LastUpdatedDate", v.last_updated_date);
 }
 void from_json(const json& j, AliasListEntry& v) {
   j.at("AliasName").get_to(v.alias_name);
   get_opt(j, "AliasArn", v.alias_arn);
   get_opt(j, "TargetKeyId", v.target_key_id);
   get_opt(j, "CreationDate", v.creation_date);
+  get_opt(j, "LastUpdatedDate", v.last_updated_date);
 }
 
 void to_json(json& j, const CreateKeyRequest& v) {

@@ -629,8 +629,19 @@ TEST_F(KmsLifecycleTest, TagsAndAliases) {
 
   const std::string k2 = create();
   ok("CreateAlias", {{"AliasName", "alias/moving"}, {"TargetKeyId", k}});
+  const double created = now_;
+  now_ += 100;
   ok("UpdateAlias", {{"AliasName", "alias/moving"}, {"TargetKeyId", k2}});
   EXPECT_EQ(ok("DescribeKey", {{"KeyId", "alias/moving"}})["KeyMetadata"]["KeyId"], k2);
+  bool listed = false;
+  const json all = ok("ListAliases", json::object());
+  for (const auto& a : all["Aliases"]) {
+    if (a["AliasName"] != "alias/moving") continue;
+    listed = true;
+    EXPECT_EQ(a["CreationDate"], created);
+    EXPECT_EQ(a["LastUpdatedDate"], now_);  // AWS's field: when UpdateAlias last moved it
+  }
+  EXPECT_TRUE(listed) << all.dump();
   ok("DeleteAlias", {{"AliasName", "alias/moving"}});
   EXPECT_EQ(code("DescribeKey", {{"KeyId", "alias/moving"}}), KmsErrorCode::NotFoundException);
   EXPECT_EQ(code("DeleteAlias", {{"AliasName", "alias/moving"}}), KmsErrorCode::NotFoundException);
