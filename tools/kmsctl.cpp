@@ -6,6 +6,8 @@
 #include <openssl/crypto.h>
 
 #include <boost/program_options.hpp>
+#include <algorithm>
+#include <cctype>
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
@@ -51,6 +53,70 @@ int kms_failure(const KmsError& e) {
 
 void print_json(const json& j) { std::cout << j.dump(4) << "\n"; }
 
+// --query: a JMESPath subset (dotted fields and [N] indexes), enough for
+// `--query Plaintext`, `--query KeyMetadata.KeyId`, `--query Aliases[0].AliasName`.
+// Missing fields select null, as in JMESPath.
+std::optional<json> select_query(const json& in, const std::string& query) {
+  const json* cur = &in;
+  static const json null_value;
+  std::size_t i = 0;
+  while (i < query.size()) {
+    if (query[i] == '.') {
+      if (i == 0) return std::nullopt;
+      ++i;
+    }
+    if (i < query.size() && query[i] == '[') {
+      const auto close = query.find(']', i);
+      if (close == std::string::npos || close == i + 1) return std::nullopt;
+      const std::string digits = query.substr(i + 1, close - i - 1);
+      if (digits.find_first_not_of("0123456789") != std::string::npos || digits.size() > 9) return std::nullopt;
+      const std::size_t n = std::stoul(digits);
+      cur = cur->is_array() && n < cur->size() ? &(*cur)[n] : &null_value;
+      i = close + 1;
+      continue;
+    }
+    std::size_t end = i;
+    while (end < query.size() && (std::isalnum(static_cast<unsigned char>(query[end])) || query[end] == '_' || query[end] == '-')) ++end;
+    if (end == i) return std::nullopt;
+    const std::string field = query.substr(i, end - i);
+    cur = cur->is_object() && cur->contains(field) ? &(*cur)[field] : &null_value;
+    i = end;
+  }
+  return *cur;
+}
+
+// --output text, like aws-cli's: scalars bare, a list or an object's values
+// tab-separated on one line, a list of objects one line each.
+std::string text_of(const json& j) {
+  if (j.is_null()) return "None";
+  if (j.is_string()) return j.get<std::string>();
+  if (j.is_boolean()) return j.get<bool>() ? "True" : "False";
+  if (j.is_number()) return j.dump();
+  std::string out;
+  const bool rows = j.is_array() && !j.empty() && std::all_of(j.begin(), j.end(), [](const json& e) { return e.is_structured(); });
+  for (auto it = j.begin(); it != j.end(); ++it) {
+    if (it != j.begin()) out += rows ? "\n" : "\t";
+    out += text_of(*it);
+  }
+  return out;
+}
+
+// Prints a response as --query and --output ask; false on a bad --query.
+bool print_response(const json& j, const po::variables_map& vm) {
+  json shown = j;
+  if (vm.count("query") != 0) {
+    auto q = select_query(j, vm["query"].as<std::string>());
+    if (!q) return false;
+    shown = std::move(*q);
+  }
+  if (vm["output"].as<std::string>() == "text") {
+    std::cout << text_of(shown) << "\n";
+  } else {
+    print_json(shown);
+  }
+  return true;
+}
+
 std::string read_whole_file(const std::string& option, const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw UsageError{option + ": cannot read " + path};
@@ -74,6 +140,42 @@ std::string blob_argument(const std::string& option, const std::string& value) {
 std::string text_argument(const std::string& option, const std::string& value) {
   if (value.rfind("file://", 0) == 0) return read_whole_file(option, value.substr(7));
   return value;
+}
+
+// aws-cli's shorthand for a map of maps: `Name={k=v,k2=v2},Other={k=v}`
+// (e.g. --constraints EncryptionContextSubset={Department=IT}). Values are
+// strings; no quoting (use JSON for values holding , = { or }).
+json shorthand_argument(const std::string& option, const std::string& text) {
+  const std::string hint = option + ": neither JSON nor aws-cli shorthand Name={key=value,...}";
+  json out = json::object();
+  std::size_t i = 0;
+  while (i < text.size()) {
+    const auto eq = text.find('=', i);
+    if (eq == std::string::npos || eq == i || eq + 1 >= text.size() || text[eq + 1] != '{') throw UsageError{hint};
+    const auto close = text.find('}', eq);
+    if (close == std::string::npos) throw UsageError{hint};
+    const std::string name = text.substr(i, eq - i);
+    const std::string body = text.substr(eq + 2, close - eq - 2);
+    json inner = json::object();
+    std::size_t p = 0;
+    while (p < body.size()) {
+      auto comma = body.find(',', p);
+      if (comma == std::string::npos) comma = body.size();
+      const std::string pair = body.substr(p, comma - p);
+      const auto e = pair.find('=');
+      if (e == std::string::npos || e == 0 || pair.find_first_of("{}") != std::string::npos) throw UsageError{hint};
+      inner[pair.substr(0, e)] = pair.substr(e + 1);
+      p = comma + 1;
+    }
+    out[name] = inner;
+    i = close + 1;
+    if (i < text.size()) {
+      if (text[i] != ',') throw UsageError{hint};
+      ++i;
+    }
+  }
+  if (out.empty()) throw UsageError{hint};
+  return out;
 }
 
 // k=v pairs (several per option, comma-separated or repeated) or one JSON object.
@@ -260,7 +362,7 @@ std::vector<Command> commands() {
         {"operations", "Operations", Arg::StringList, true, "Decrypt Encrypt GenerateDataKey ..."},
         {"retiring-principal", "RetiringPrincipal", Arg::String, false, "who may retire the grant"},
         {"name", "Name", Arg::String, false, "grant name (same name and parameters: same grant)"},
-        {"constraints", "Constraints", Arg::JsonValue, false, "{\"EncryptionContextSubset\":{...}} or ...Equals"},
+        {"constraints", "Constraints", Arg::JsonValue, false, "{\"EncryptionContextSubset\":{...}} or ...Equals, or EncryptionContextSubset={k=v,...}"},
         {"encryption-context-equals", "Constraints.EncryptionContextEquals", Arg::Context, false,
          "constraint: the request's context must equal this"},
         {"encryption-context-subset", "Constraints.EncryptionContextSubset", Arg::Context, false,
@@ -289,6 +391,10 @@ std::vector<Command> commands() {
 }
 
 void add_options(po::options_description& d, const Command& c) {
+  // aws-cli's output shaping, accepted after the command as aws-cli does.
+  d.add_options()("query", po::value<std::string>(),
+                  "print only this part of the response: FIELD, FIELD.SUB, FIELD[N] (a JMESPath subset)")(
+      "output", po::value<std::string>()->default_value("json"), "json (default) or text: values without quotes, tab-separated");
   for (const auto& o : c.opts) {
     switch (o.type) {
       case Arg::Flag:
@@ -357,8 +463,9 @@ json build_request(const Command& c, const po::variables_map& vm) {
         set_field(req, o.field, text_argument(option, vm[o.cli].as<std::string>()));
         break;
       case Arg::JsonValue: {
-        auto j = json::parse(text_argument(option, vm[o.cli].as<std::string>()), nullptr, false);
-        if (j.is_discarded()) throw UsageError{option + ": not valid JSON"};
+        const std::string text = text_argument(option, vm[o.cli].as<std::string>());
+        auto j = json::parse(text, nullptr, false);
+        if (j.is_discarded()) j = shorthand_argument(option, text);
         for (const auto& [k, v] : j.items()) set_field(req, std::string(o.field) + "." + k, v);
         break;
       }
@@ -374,6 +481,14 @@ json build_request(const Command& c, const po::variables_map& vm) {
 }
 
 int run_command(KeyService& kms, const Command& c, const po::variables_map& vm) {
+  // Output options are checked before the call: a typo must not leave a
+  // key created with nothing printed.
+  const std::string output = vm["output"].as<std::string>();
+  if (output != "json" && output != "text") throw UsageError{"--output must be json or text, not '" + output + "'"};
+  if (vm.count("query") != 0 && !select_query(json::object(), vm["query"].as<std::string>())) {
+    throw UsageError{"--query '" + vm["query"].as<std::string>() +
+                     "': kmsctl understands FIELD, FIELD.SUB and FIELD[N] (a JMESPath subset)"};
+  }
   json req = build_request(c, vm);
   const std::string name = c.name;
   if (name == "generate-data-key" || name == "generate-data-key-without-plaintext") {
@@ -424,7 +539,8 @@ int run_command(KeyService& kms, const Command& c, const po::variables_map& vm) 
     print_json(out["Events"]);
     return 0;
   }
-  if (!out.empty() || c.print_empty) print_json(out);  // like `aws kms`: empty responses print nothing
+  if (out.empty() && !c.print_empty) return 0;  // like `aws kms`: empty responses print nothing
+  (void)print_response(out, vm);  // --query was checked above
   return 0;
 }
 

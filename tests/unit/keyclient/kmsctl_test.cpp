@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -131,6 +132,49 @@ TEST_F(KmsctlTest, CreateDescribeListAndDataKeyRoundTrip) {
   auto r = kmsctl({"generate-random", "--number-of-bytes", "16"});
   ASSERT_EQ(r.rc, 0) << r.err;
   EXPECT_EQ(nlohmann::json::parse(r.out)["Plaintext"].get<std::string>().size(), 24u);
+}
+
+// aws-cli habits: `--query FIELD --output text` prints one bare value (the
+// `aws kms decrypt ... --query Plaintext --output text | base64 -d` idiom),
+// grant constraints in aws-cli shorthand, and a bad --query refused before
+// the call (no key made).
+TEST_F(KmsctlTest, QueryOutputTextAndShorthandLikeAwsCli) {
+  auto id = kmsctl({"create-key", "--query", "KeyMetadata.KeyId", "--output", "text"});
+  ASSERT_EQ(id.rc, 0) << id.err;
+  const std::string key = id.out.substr(0, id.out.find('\n'));
+  EXPECT_EQ(key.size(), 36u) << id.out;
+  test::write_text(dir_ + "/pt", "hello");
+  auto blob = kmsctl({"encrypt", "--key-id", key, "--plaintext", "fileb://" + dir_ + "/pt", "--query", "CiphertextBlob",
+                      "--output", "text"});
+  ASSERT_EQ(blob.rc, 0) << blob.err;
+  auto pt = kmsctl({"decrypt", "--ciphertext-blob", blob.out.substr(0, blob.out.find('\n')), "--query", "Plaintext",
+                    "--output", "text"});
+  ASSERT_EQ(pt.rc, 0) << pt.err;
+  EXPECT_EQ(pt.out, "aGVsbG8=\n");
+  auto json_out = kmsctl({"describe-key", "--key-id", key, "--query", "KeyMetadata.Enabled"});
+  ASSERT_EQ(json_out.rc, 0) << json_out.err;
+  EXPECT_EQ(json_out.out, "true\n");
+
+  auto g = kmsctl({"create-grant", "--key-id", key, "--grantee-principal", "uid:1000", "--operations", "Decrypt",
+                   "--constraints", "EncryptionContextSubset={Department=IT,Env=prod}"});
+  ASSERT_EQ(g.rc, 0) << g.err;
+  auto c = kmsctl({"list-grants", "--key-id", key, "--query", "Grants[0].Constraints.EncryptionContextSubset.Department",
+                   "--output", "text"});
+  ASSERT_EQ(c.rc, 0) << c.err;
+  EXPECT_EQ(c.out, "IT\n");
+  auto bad_shorthand = kmsctl({"create-grant", "--key-id", key, "--grantee-principal", "uid:1000", "--operations",
+                               "Decrypt", "--constraints", "EncryptionContextSubset=Department"});
+  EXPECT_EQ(bad_shorthand.rc, 2) << bad_shorthand.out;
+  EXPECT_NE(bad_shorthand.err.find("--constraints"), std::string::npos) << bad_shorthand.err;
+
+  auto bad = kmsctl({"create-key", "--query", "KeyMetadata..KeyId"});
+  EXPECT_EQ(bad.rc, 2);
+  EXPECT_NE(bad.err.find("--query"), std::string::npos) << bad.err;
+  auto bad_out = kmsctl({"create-key", "--output", "yaml"});
+  EXPECT_EQ(bad_out.rc, 2);
+  auto keys = kmsctl({"list-keys", "--query", "Keys", "--output", "text"});
+  ASSERT_EQ(keys.rc, 0) << keys.err;
+  EXPECT_EQ(std::count(keys.out.begin(), keys.out.end(), '\n'), 1) << "a refused command created a key: " << keys.out;
 }
 
 TEST_F(KmsctlTest, ExitCodesAndMessages) {
