@@ -569,6 +569,45 @@ TEST(FullBackingStore, EnospcFailsCleanlyAndKeepsServing) {
     ::close(rd.fd);
     rd.fd = -1;
 
+    // Still full: a new file (its header), a long name (its side file) and
+    // a directory either work or fail with ENOSPC, never corrupt anything.
+    for (const std::string& name : {std::string("new"), std::string(200, 'L')}) {
+      const int nfd = ::open(vol.path(name).c_str(), O_WRONLY | O_CREAT, 0644);
+      if (nfd < 0) {
+        EXPECT_EQ(errno, ENOSPC) << name.size() << "-character name: " << std::strerror(errno);
+        continue;
+      }
+      const ssize_t n = ::write(nfd, chunk.data(), chunk.size());
+      const int werr = n < 0 ? errno : 0;
+      const int serr = ::fsync(nfd) != 0 ? errno : 0;
+      ::close(nfd);
+      if (n < 0) {
+        EXPECT_EQ(werr, ENOSPC) << std::strerror(werr);
+      }
+      if (serr != 0) {
+        EXPECT_EQ(serr, ENOSPC) << std::strerror(serr);
+      }
+    }
+    if (::mkdir(vol.path("dir").c_str(), 0755) != 0) {
+      EXPECT_EQ(errno, ENOSPC) << std::strerror(errno);
+    }
+
+    // On disk: fsck finds nothing wrong, and after a remount everything
+    // acknowledged reads back.
+    vol.unmount();
+    auto fsck = run_command({bin("kmsfs"), "fsck", vol.cipher()});
+    EXPECT_EQ(fsck.exit_code, 0) << fsck.out << fsck.err;
+    vol.mount();
+    EXPECT_EQ(read_file(vol.path("keep")), keep);
+    Fd again(::open(vol.path("filler").c_str(), O_RDONLY));
+    ASSERT_GE(again.fd, 0);
+    for (off_t off = 0; off < synced; off += static_cast<off_t>(chunk.size())) {
+      ASSERT_EQ(::pread(again.fd, buf.data(), buf.size(), off), static_cast<ssize_t>(buf.size())) << off;
+      EXPECT_EQ(buf, chunk) << "at " << off << " after remount";
+    }
+    ::close(again.fd);
+    again.fd = -1;
+
     // Space freed: the mount serves new writes again.
     ASSERT_EQ(::unlink(vol.path("filler").c_str()), 0);
     write_file(vol.path("after"), {'o', 'k'});

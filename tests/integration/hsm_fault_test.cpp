@@ -88,7 +88,7 @@ TEST_F(HsmFault, EachFaultIsAClearErrorAndClears) {
     set_fault(std::string("error ") + rv + " -1 C_Encrypt,C_GenerateRandom");
     auto r = gdk();
     EXPECT_TRUE(r.exit_code == 3 || r.exit_code == 4) << "exit " << r.exit_code << "\n" << r.err;
-    EXPECT_FALSE(r.err.empty());
+    EXPECT_NE(r.err.find(rv), std::string::npos) << "the error names the PKCS#11 return value: " << r.err;
     expect_no_secrets(r.out + r.err, "the error");
     // At start-up: the module cannot even open a session.
     set_fault(std::string("error ") + rv + " -1 C_OpenSession");
@@ -110,6 +110,7 @@ TEST_F(HsmFault, LostSessionIsReopened) {
     set_fault(std::string("error ") + rv + " 1 C_Encrypt");
     auto r = gdk();
     EXPECT_EQ(r.exit_code, 0) << r.err;
+    EXPECT_EQ(slurp(fault_file_ + ".used"), "1") << "the fault never fired: nothing was reopened";
   }
 }
 
@@ -160,6 +161,7 @@ TEST_F(HsmFault, MountSurvivesFaultsAndRecovers) {
   // One lost session: reopened, the create succeeds.
   set_fault("error CKR_SESSION_HANDLE_INVALID 1 C_Encrypt");
   EXPECT_EQ(try_create("reopened"), 0);
+  EXPECT_EQ(slurp(fault_file_ + ".used"), "1") << "the fault never fired: nothing was reopened";
 
   // A slow HSM: slower, not failing.
   set_fault("delay 300");
