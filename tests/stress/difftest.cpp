@@ -1178,7 +1178,9 @@ std::optional<std::uint64_t> check_block(const std::uint8_t* p) {
   return tag;
 }
 
-std::string shared_file_test(const std::string& path, int writers, std::size_t writes_each, std::uint64_t seed) {
+// `final_bytes`: the file's content at the end, for a check after remount.
+std::string shared_file_test(const std::string& path, int writers, std::size_t writes_each, std::uint64_t seed,
+                             std::vector<std::uint8_t>* final_bytes) {
   int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return "cannot create the shared file: " + errname(errno);
   std::mutex m;
@@ -1258,6 +1260,21 @@ std::string shared_file_test(const std::string& path, int writers, std::size_t w
       return "shared file: block " + std::to_string(b) + " is torn, lost or foreign at the end";
     }
   }
+  *final_bytes = std::move(all);
+  return "";
+}
+
+// After a remount the shared file reads back exactly as it ended.
+std::string shared_file_recheck(const std::string& path, const std::vector<std::uint8_t>& expected) {
+  std::vector<std::uint8_t> all(expected.size() + 1);
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return "cannot open the shared file: " + errname(errno);
+  const ssize_t n = ::pread(fd, all.data(), all.size(), 0);
+  const int err = errno;
+  ::close(fd);
+  if (n < 0) return "shared file: read failed: " + errname(err);
+  all.resize(static_cast<std::size_t>(n));
+  if (all != expected) return "shared file differs from its content before the remount (" + std::to_string(n) + " bytes)";
   return "";
 }
 
@@ -1301,6 +1318,7 @@ RoundResult run_round(Env& env, Env::Volume& v, const Config& cfg, std::uint64_t
   std::vector<std::optional<Failure>> fails(static_cast<size_t>(cfg.threads));
   std::atomic<bool> stop{false};
   std::string shared_error;
+  std::vector<std::uint8_t> shared_bytes;
   std::vector<std::thread> ws;
   for (int t = 0; t < cfg.threads; ++t) {
     ws.emplace_back([&, t] {
@@ -1311,7 +1329,7 @@ RoundResult run_round(Env& env, Env::Volume& v, const Config& cfg, std::uint64_t
   }
   std::thread shared([&] {
     shared_error = shared_file_test(v.mnt + "/" + round_prefix + "shared", cfg.threads,
-                                    std::max<std::size_t>(cfg.ops / 8, 50), seed);
+                                    std::max<std::size_t>(cfg.ops / 8, 50), seed, &shared_bytes);
   });
   for (auto& w : ws) w.join();
   shared.join();
@@ -1360,6 +1378,33 @@ RoundResult run_round(Env& env, Env::Volume& v, const Config& cfg, std::uint64_t
         rr.ok = false;
         std::cerr << "\nDIFFERENCE (seed " << seed << ", threads): final trees differ:\n" << filtered;
       }
+    }
+  }
+  // What the threads left on disk, not only in the server's memory: remount
+  // and compare again, the shared file included (not in the soak, which
+  // keeps one server to watch its RSS and fds).
+  if (rr.ok && final_check && cfg.soak_seconds == 0) {
+    const int code = v.mount->stop();
+    if (code != 0) {
+      rr.ok = false;
+      std::cerr << "\nkmsfs exited with " << code << " at unmount after the threads (seed " << seed << "; log " << v.log
+                << ")\n";
+      return rr;
+    }
+    v.mount->start();
+    const std::string sub = round_prefix.empty() ? "" : round_prefix.substr(0, round_prefix.size() - 1);
+    std::string filtered;
+    std::istringstream in(compare_trees(v.mnt, v.plain, sub));
+    for (std::string line; std::getline(in, line);) {
+      if (line.find("\"shared\"") == std::string::npos && line.find("/shared\"") == std::string::npos) filtered += line + "\n";
+    }
+    if (!filtered.empty()) {
+      rr.ok = false;
+      std::cerr << "\nDIFFERENCE (seed " << seed << ", threads): trees differ after remount:\n" << filtered;
+    }
+    if (auto e = shared_file_recheck(v.mnt + "/" + round_prefix + "shared", shared_bytes); !e.empty()) {
+      rr.ok = false;
+      std::cerr << "\nSHARED-FILE FAILURE after remount (seed " << seed << "): " << e << "\n";
     }
   }
   return rr;
