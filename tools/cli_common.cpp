@@ -3,6 +3,9 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <sys/prctl.h>
+#include <sys/resource.h>
+
 #include <cstdlib>
 #include <iostream>
 #include <optional>
@@ -147,6 +150,17 @@ void setup_logging(bool verbose) {
   }
   spdlog::set_level(level);
   spdlog::set_pattern("%n %l: %v");
+}
+
+void refuse_core_dumps() {
+  (void)::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+  struct rlimit lim {};
+  if (::getrlimit(RLIMIT_CORE, &lim) == 0) {
+    // 1, not 0: for a pipe core_pattern the kernel ignores 0 but skips the
+    // dump at 1; a file dump needs at least a page, so 1 stops it too.
+    lim.rlim_cur = lim.rlim_max >= 1 ? 1 : 0;
+    (void)::setrlimit(RLIMIT_CORE, &lim);
+  }
 }
 
 }  // namespace kmsfs::cli

@@ -50,4 +50,11 @@ void print_kms_error(std::string_view tool, const keyclient::KmsError& e);
 // (trace|debug|info|warn|error|critical|off) overrides both.
 void setup_logging(bool verbose);
 
+// For a process that holds data keys or the PIN (a mount, kmsd): not
+// dumpable (no core file, no ptrace or /proc/PID/mem by other users), and
+// RLIMIT_CORE 1, which the kernel honours as "no dump" also where
+// core_pattern pipes dumps to a handler (systemd-coredump, apport) and
+// fs.suid_dumpable=2 would dump a non-dumpable process there anyway.
+void refuse_core_dumps();
+
 }  // namespace kmsfs::cli

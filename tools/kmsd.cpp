@@ -30,6 +30,7 @@
 #include "keyclient/kms_options.h"
 #include "keyclient/kmsd_server.h"
 #include "keyclient/logger.h"
+#include "tools/cli_common.h"
 
 namespace po = boost::program_options;
 using namespace kmsfs::keyclient;
@@ -255,7 +256,7 @@ int run(int argc, char** argv) {
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   signal(SIGPIPE, SIG_IGN);
   // No core dumps of a process holding data keys and the PIN.
-  (void)::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+  kmsfs::cli::refuse_core_dumps();
 
   KmsOptions ko;
   ko.spec = "embedded";

@@ -340,7 +340,7 @@ int cmd_mount(const kmsfs::cli::GlobalOptions& g, const std::vector<std::string>
     }
   };
   // No core dumps of a process holding data keys.
-  (void)::prctl(PR_SET_DUMPABLE, 0, 0, 0, 0);
+  kmsfs::cli::refuse_core_dumps();
 
   // The audit record of every call whose response carries a data key is on
   // disk before the key is used (KMSFS_AUDIT_SYNC_PLAINTEXT=0 relaxes

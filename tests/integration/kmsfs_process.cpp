@@ -136,6 +136,7 @@ bool ForegroundMount::alive(int& exit_code) {
   if (pid_ <= 0) return false;
   int status = 0;
   if (::waitpid(pid_, &status, WNOHANG) != pid_) return true;
+  last_status_ = status;
   exit_code = exit_code_of(status);
   pid_ = -1;
   ::umount2(mnt_.c_str(), MNT_DETACH);

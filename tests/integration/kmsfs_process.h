@@ -35,6 +35,8 @@ class ForegroundMount {
   // exited by itself) is reaped, its mount detached, and its exit status
   // (128+signal when killed) stored in `exit_code`.
   bool alive(int& exit_code);
+  // The raw waitpid status of a server alive() found dead (WCOREDUMP etc.).
+  int last_wait_status() const { return last_status_; }
 
   bool running() const { return pid_ > 0; }
   pid_t pid() const { return pid_; }
@@ -42,6 +44,7 @@ class ForegroundMount {
   const std::string& cipher() const { return cipher_; }
 
  private:
+  int last_status_ = 0;
   std::string cipher_;
   std::string mnt_;
   std::vector<std::string> args_;
