@@ -3,8 +3,11 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstring>
+#include <mutex>
+#include <vector>
 
 #include "crypto/openssl_handles.h"
 #include "crypto/secure_buffer.h"
@@ -28,11 +31,29 @@ const EVP_CIPHER* cipher_for(std::size_t key_size) noexcept {
 // and rebuilding the GHASH table per block. The key copy lives exactly as
 // long as the context's own key schedule (which begins with the raw key
 // bytes anyway): until the thread uses another key or exits, when both are
-// cleansed (EVP_CIPHER_CTX_free cleanses the schedule).
+// cleansed (EVP_CIPHER_CTX_free cleanses the schedule), or until the key
+// is freed: forget_key_everywhere then cleanses it in every thread.
 // The copy is a SecureBuffer (locked, out of core dumps) and the context
 // comes from OpenSSL's heap, which the tools route into MADV_DONTDUMP maps
 // (crypto/dontdump_heap.h): neither reaches a core dump.
+struct ThreadCipher;
+
+// Every thread's context, so that a freed key can be cleansed from all of
+// them (forget_key_everywhere). Never destroyed: threads may outlive
+// static destruction at exit.
+struct Registry {
+  std::mutex mu;  // guards all
+  std::vector<ThreadCipher*> all;
+};
+Registry& registry() {
+  static Registry* r = new Registry;
+  return *r;
+}
+
 struct ThreadCipher {
+  // Held by the owning thread for each operation and by
+  // forget_key_everywhere while it inspects this context.
+  std::mutex mu;
   EvpCipherCtxPtr ctx{EVP_CIPHER_CTX_new()};
   SecureBuffer key_copy{32};
   std::uint8_t* key = key_copy.data();
@@ -62,6 +83,18 @@ struct ThreadCipher {
     OPENSSL_cleanse(key, key_copy.size());
     key_size = 0;
   }
+
+  ThreadCipher() {
+    std::lock_guard<std::mutex> lock(registry().mu);
+    registry().all.push_back(this);
+  }
+  ~ThreadCipher() {
+    std::lock_guard<std::mutex> lock(registry().mu);
+    auto& v = registry().all;
+    v.erase(std::remove(v.begin(), v.end(), this), v.end());
+  }
+  ThreadCipher(const ThreadCipher&) = delete;
+  ThreadCipher& operator=(const ThreadCipher&) = delete;
 };
 
 ThreadCipher* thread_cipher() noexcept {
@@ -81,6 +114,7 @@ bool AesGcm::encrypt(std::span<const std::uint8_t> key, std::span<const std::uin
       !fits_int(aad.size())) {
     return false;
   }
+  const std::lock_guard<std::mutex> lock(tc->mu);  // uncontended but for forget_key_everywhere
   EVP_CIPHER_CTX* ctx = tc->ctx.get();
   int len = 0;
   bool ok = tc->init(true, key, iv.data());
@@ -100,6 +134,7 @@ bool AesGcm::decrypt(std::span<const std::uint8_t> key, std::span<const std::uin
       !fits_int(ct.size()) || !fits_int(aad.size())) {
     return false;
   }
+  const std::lock_guard<std::mutex> lock(tc->mu);
   EVP_CIPHER_CTX* ctx = tc->ctx.get();
   int len = 0;
   bool ok = tc->init(false, key, iv.data());
@@ -120,8 +155,20 @@ bool AesGcm::decrypt(std::span<const std::uint8_t> key, std::span<const std::uin
 void AesGcm::forget_thread_key() noexcept {
   ThreadCipher* tc = thread_cipher();
   if (tc == nullptr) return;
+  const std::lock_guard<std::mutex> lock(tc->mu);
   tc->forget();
   (void)EVP_CIPHER_CTX_reset(tc->ctx.get());
+}
+
+void AesGcm::forget_key_everywhere(std::span<const std::uint8_t> key) noexcept {
+  if (key.empty()) return;
+  std::lock_guard<std::mutex> reg(registry().mu);
+  for (ThreadCipher* tc : registry().all) {
+    const std::lock_guard<std::mutex> lock(tc->mu);
+    if (!tc->holds(key)) continue;
+    tc->forget();
+    (void)EVP_CIPHER_CTX_reset(tc->ctx.get());  // frees (and cleanses) the key schedule
+  }
 }
 
 }  // namespace kmsfs::crypto

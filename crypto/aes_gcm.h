@@ -34,6 +34,10 @@ class AesGcm {
   // Cleanses the calling thread's cached key and key schedule now (they
   // are otherwise kept until the thread uses another key or exits).
   static void forget_thread_key() noexcept;
+
+  // Cleanses every thread's cached copy and key schedule of `key`: call it
+  // when the key is freed (a file closed), so that no idle thread keeps it.
+  static void forget_key_everywhere(std::span<const std::uint8_t> key) noexcept;
 };
 
 }  // namespace kmsfs::crypto

@@ -20,6 +20,7 @@
 #include "crypto/block_layout.h"
 #include "crypto/encoding.h"
 #include "crypto/random.h"
+#include "crypto/aes_gcm.h"
 #include "fs/header_lock.h"
 #include "fs/volume.h"
 
@@ -28,6 +29,17 @@ namespace kmsfs::fs {
 namespace bl = crypto::block_layout;
 
 namespace {
+
+// A file's key, shared by its inode and the requests in flight. When the
+// last holder lets go, every worker thread's cached copy and key schedule
+// of it are cleansed as well as the key itself (crypto/aes_gcm.h), so that
+// a closed file's DEK lingers in no idle thread.
+std::shared_ptr<const FileKey> share_key(FileKey&& key) {
+  return std::shared_ptr<const FileKey>(new FileKey(std::move(key)), [](const FileKey* k) {
+    crypto::AesGcm::forget_key_everywhere(std::span<const std::uint8_t>(k->dek.data(), k->dek.size()));
+    delete k;
+  });
+}
 
 std::shared_ptr<spdlog::logger> logger() {
   static auto l = [] {
@@ -623,7 +635,7 @@ Result<std::shared_ptr<const FileKey>, int> Filesystem::load_key(Inode& inode, i
   }
   auto key = keys_.open(*header, label);  // no lock held across the KMS call
   if (!key) return unexpected(key.error());
-  auto shared = std::make_shared<const FileKey>(std::move(*key));
+  auto shared = share_key(std::move(*key));
   std::lock_guard lock(inode.state_mutex);
   if (!inode.key) inode.key = shared;  // else another thread won the race
   return inode.key;
@@ -681,7 +693,7 @@ Result<std::shared_ptr<const FileKey>, int> Filesystem::key_for_write(
         (void)::ftruncate(fd, 0);
         return unexpected(err);
       }
-      auto key = std::make_shared<const FileKey>(std::move(fresh->key));
+      auto key = share_key(std::move(fresh->key));
       std::lock_guard sl(inode.state_mutex);
       inode.key = key;
       if (inode.pending == fresh) inode.pending.reset();

@@ -189,9 +189,11 @@ TEST_F(Hardening, ServerWritesNoCoreDump) {
 // SecureBuffer keeps keys) are left out; they are returned in `excluded`.
 // `where`, if given, gets (offset in the image, smaps line) per mapping.
 std::string dumpable_memory(pid_t pid, std::string& excluded,
-                            std::vector<std::pair<std::size_t, std::string>>* where = nullptr) {
+                            std::vector<std::pair<std::size_t, std::string>>* where = nullptr,
+                            std::vector<std::pair<std::size_t, std::string>>* where_excluded = nullptr) {
   std::ifstream smaps("/proc/" + std::to_string(pid) + "/smaps");
   int mem = ::open(("/proc/" + std::to_string(pid) + "/mem").c_str(), O_RDONLY | O_CLOEXEC);
+  excluded.clear();
   if (mem < 0) return {};
   std::string image;
   struct Range {
@@ -225,6 +227,7 @@ std::string dumpable_memory(pid_t pid, std::string& excluded,
     if (r.hi - r.lo > (1UL << 32)) continue;  // reservations, never touched whole
     std::string& out = dd ? excluded : image;
     if (!dd && where != nullptr) where->emplace_back(image.size(), r.name);
+    if (dd && where_excluded != nullptr) where_excluded->emplace_back(excluded.size(), r.name);
     std::vector<char> buf(r.hi - r.lo);
     ssize_t n = ::pread(mem, buf.data(), buf.size(), static_cast<off_t>(r.lo));
     if (n > 0) out.append(buf.data(), static_cast<size_t>(n));
@@ -274,6 +277,52 @@ TEST_F(Hardening, ForcedDumpHoldsNoDataKey) {
     EXPECT_EQ(image.find(f[i]), std::string::npos) << "an encoded DEK is in dumpable memory";
   }
   EXPECT_EQ(image.find(pin_), std::string::npos) << "the PIN is in dumpable memory";
+}
+
+// Zeroize on free: once the file is closed (key cache off, so nothing
+// keeps its key), the DEK is nowhere in the server's memory, locked
+// (MADV_DONTDUMP) mappings included. Polled: RELEASE reaches the server
+// after close(2) returns.
+TEST_F(Hardening, ClosedFileLeavesItsDataKeyNowhereInMemory) {
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "meaningful only for an unsanitized kmsfs";
+#endif
+  ForegroundMount m(cipher_, mnt_, {"-o", "key_cache=off"}, log_);
+  ASSERT_NO_THROW(m.start());
+  write_file(mnt_ + "/secret", random_bytes(100000, 8));
+  int fd = ::open((mnt_ + "/secret").c_str(), O_RDONLY);
+  ASSERT_GE(fd, 0);
+  std::vector<std::uint8_t> buf(100000);
+  ASSERT_EQ(::pread(fd, buf.data(), buf.size(), 0), 100000);
+  const auto f = forms(dek_of(only_backing_file()));
+  std::string excluded;
+  std::string image = dumpable_memory(m.pid(), excluded);
+  ASSERT_NE(excluded.find(f[0]), std::string::npos) << "control: the open file's DEK is not held at all";
+  ::close(fd);
+  bool gone = false;
+  std::vector<std::pair<std::size_t, std::string>> where;
+  std::vector<std::pair<std::size_t, std::string>> where_excluded;
+  for (int i = 0; i < 20 && !gone; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    where.clear();
+    where_excluded.clear();
+    excluded.clear();
+    image = dumpable_memory(m.pid(), excluded, &where, &where_excluded);
+    gone = image.find(f[0]) == std::string::npos && excluded.find(f[0]) == std::string::npos;
+  }
+  auto mapping_of = [](const std::vector<std::pair<std::size_t, std::string>>& w, std::size_t off) {
+    std::string name = "?";
+    for (const auto& [start, line] : w) {
+      if (start <= off) name = line + " (+" + std::to_string(off - start) + ")";
+    }
+    return name;
+  };
+  const auto in_image = image.find(f[0]);
+  const auto in_locked = excluded.find(f[0]);
+  EXPECT_TRUE(gone) << "the DEK of a closed file is still in the server's memory: "
+                    << (in_image != std::string::npos ? "dumpable " + mapping_of(where, in_image) : "")
+                    << (in_locked != std::string::npos ? "locked " + mapping_of(where_excluded, in_locked) : "");
+  EXPECT_EQ(m.stop(), 0);
 }
 
 TEST_F(Hardening, PinFileWithWideModeIsRefused) {
