@@ -60,6 +60,41 @@ bool string_field_is(const json& j, const char* name, std::string_view value) {
   return s != nullptr && *s == value;
 }
 
+// The position of the last '\n' before `pos`, or npos.
+std::size_t newline_before(std::string_view text, std::size_t pos) {
+  return pos == 0 ? std::string_view::npos : text.rfind('\n', pos - 1);
+}
+
+std::string short_hash(const std::string& h) { return h.size() > 16 ? h.substr(0, 16) + "..." : h; }
+
+// What an AuditLogTampered record says, for `audit verify`. Its fields are
+// read like any other untrusted ones: a field that is missing or of
+// another type only makes the sentence vaguer.
+std::string tamper_problem(const json& j) {
+  static const json kNone = json::object();
+  auto it = j.find("serviceEventDetails");
+  const json& d = it != j.end() ? *it : kNone;
+  const auto head_seq = unsigned_field(d, "headSeq");
+  const auto tail_seq = unsigned_field(d, "tailSeq");
+  if (!head_seq || !tail_seq) return "the log had been cut back or rewritten before this record (AuditLogTampered)";
+  const std::string h = std::to_string(*head_seq);
+  const std::string t = std::to_string(*tail_seq);
+  if (*head_seq > *tail_seq) {
+    const std::string removed = *head_seq - *tail_seq == 1
+                                    ? "record " + h + " was removed and its seq reused"
+                                    : "records " + std::to_string(*tail_seq + 1) + " to " + h +
+                                          " were removed and their seqs reused";
+    return "the log had been truncated before this record: cut back from seq " + h + " to seq " + t +
+           " (audit.head said seq " + h + "); " + removed;
+  }
+  const std::string* head_hash = string_field(d, "headHash");
+  const std::string* record_hash = string_field(d, "recordHash");
+  std::string problem = "the log had been rewritten before this record: audit.head said seq " + h;
+  if (head_hash != nullptr) problem += " has hash " + short_hash(*head_hash);
+  if (record_hash != nullptr) problem += ", the log had " + short_hash(*record_hash) + " there";
+  return problem + " (records up to seq " + h + " edited and rehashed, then chained onto)";
+}
+
 }  // namespace
 
 std::string audit_chain_hash(std::string_view prev_hash, std::string_view body) {
@@ -166,6 +201,10 @@ KmsResult<AuditVerifyReport> verify_audit_text(std::string_view log, std::option
       }
       ++rep.checkpoints;
     }
+    // Written by an appender that found records the head vouched for
+    // removed or rewritten: the chain may be whole again after it, so the
+    // record itself is the evidence.
+    if (string_field_is(j, "eventName", kAuditTamperEventName)) return fail(ln, seq, tamper_problem(j));
     prev = hash;
     ++expected;
     ++rep.records;
@@ -201,6 +240,76 @@ KmsResult<AuditVerifyReport> verify_audit_text(std::string_view log, std::option
     }
   }
   return rep;
+}
+
+AuditHeadCheck check_audit_end_against_head(std::string_view window, bool whole_log, const AuditChainPoint& tail,
+                                            const AuditChainPoint& head) {
+  if (head.seq > tail.seq) return {AuditHeadMatch::Cut, {}};
+  if (head.seq == tail.seq) {
+    if (tail.hash == head.hash) return {AuditHeadMatch::Consistent, {}};
+    return {AuditHeadMatch::Forked, tail.hash};
+  }
+  const AuditHeadMatch short_window = whole_log ? AuditHeadMatch::Unknown : AuditHeadMatch::NeedMore;
+  // The '\n' that ends the tail line, then one line further back per seq:
+  // records never contain a '\n' (JSON escapes it).
+  std::size_t line_end = window.rfind('\n');
+  if (line_end == std::string_view::npos) return {short_window, {}};
+  for (std::uint64_t back = tail.seq - head.seq; back > 0; --back) {
+    line_end = newline_before(window, line_end);
+    if (line_end == std::string_view::npos) return {short_window, {}};
+  }
+  const std::size_t before = newline_before(window, line_end);
+  if (before == std::string_view::npos && !whole_log) return {AuditHeadMatch::NeedMore, {}};
+  const std::size_t start = before == std::string_view::npos ? 0 : before + 1;
+  const auto point = parse_audit_tail_line(window.substr(start, line_end - start));
+  if (!point || point->seq != head.seq) return {AuditHeadMatch::Unknown, {}};
+  if (point->hash == head.hash) return {AuditHeadMatch::Consistent, {}};
+  return {AuditHeadMatch::Forked, point->hash};
+}
+
+json audit_tamper_event(const AuditChainPoint& head, const AuditChainPoint& tail, const AuditHeadCheck& found,
+                        std::string event_time) {
+  json details{{"headSeq", head.seq}, {"headHash", head.hash}, {"tailSeq", tail.seq}, {"tailHash", tail.hash}};
+  std::string message;
+  if (found.match == AuditHeadMatch::Forked) {
+    details["recordHash"] = found.found_hash;
+    message = "the record with the seq of audit.head (" + std::to_string(head.seq) +
+              ") has another hash than the head: the log was rewritten";
+  } else {
+    message = "the log ends at seq " + std::to_string(tail.seq) + " but audit.head names seq " +
+              std::to_string(head.seq) + ": records were removed";
+  }
+  return json{{"eventVersion", "1.08"},
+              {"eventTime", std::move(event_time)},
+              {"eventSource", "kms.amazonaws.com"},
+              {"eventName", kAuditTamperEventName},
+              {"eventType", "AuditTamperDetected"},
+              {"awsRegion", "local"},
+              {"userIdentity", {{"type", "KmsCore"}, {"invokedBy", "kms.amazonaws.com"}}},
+              {"readOnly", false},
+              {"errorCode", kAuditTamperEventName},
+              {"errorMessage", std::move(message)},
+              {"serviceEventDetails", std::move(details)},
+              {"managementEvent", true},
+              {"eventCategory", "Management"}};
+}
+
+bool audit_tamper_recorded(std::string_view window, const AuditChainPoint& head) {
+  std::size_t pos = 0;
+  while (pos < window.size()) {
+    auto nl = window.find('\n', pos);
+    const std::string_view line = window.substr(pos, nl == std::string_view::npos ? std::string_view::npos : nl - pos);
+    pos = nl == std::string_view::npos ? window.size() : nl + 1;
+    // Only the rare candidate line is parsed.
+    if (line.find(kAuditTamperEventName) == std::string_view::npos) continue;
+    const json j = json::parse(line, nullptr, false);
+    if (!string_field_is(j, "eventName", kAuditTamperEventName)) continue;
+    auto d = j.find("serviceEventDetails");
+    if (d == j.end()) continue;
+    const auto seq = unsigned_field(*d, "headSeq");
+    if (seq && *seq == head.seq && string_field_is(*d, "headHash", head.hash)) return true;
+  }
+  return false;
 }
 
 namespace {

@@ -98,9 +98,62 @@ using AuditMacFn = std::function<KmsResult<std::string>(const std::string& text)
 // Checks the chain of `log`, its checkpoint MACs and, when given, the head
 // (whose problems are named with `head_name`). A damaged log is a report
 // with ok = false naming the first bad record; an error is only what
-// `mac_hex` returns (the HSM failed).
+// `mac_hex` returns (the HSM failed). An AuditLogTampered record (below) is
+// such a problem, named with the cut or fork it records: the log stays
+// invalid after later records moved the head past the damage.
 KmsResult<AuditVerifyReport> verify_audit_text(std::string_view log, std::optional<std::string_view> head,
                                                const AuditMacFn& mac_hex, std::string_view head_name = "audit.head");
+
+// --- the appender's check of the log against the head ----------------------
+//
+// The head only ever names a record that was complete and fdatasynced in
+// the log (AuditLog writes it after the sync), and a kill can only tear the
+// record being written after it. So when an appender finds the log ending
+// before the head's seq, or a record with the head's seq but another hash,
+// records the head vouched for were removed or rewritten. Left alone, the
+// next appends would chain onto the shortened or forged tail, reuse the
+// removed seqs, and once past the old head get a head MACed over them:
+// `audit verify` would then find nothing. So the appender records what it
+// found in the chain (an AuditLogTampered record, below) and verify names
+// that record from then on.
+
+enum class AuditHeadMatch {
+  Consistent,  // the record with the head's seq has the head's hash
+  Cut,         // the log ends before the head's seq: records were removed
+  Forked,      // the record with the head's seq has another hash: rewritten
+  NeedMore,    // that record lies before the start of the window
+  Unknown,     // no record with the head's seq where a gap-free chain has it
+               // (`audit verify` names such a log by itself)
+};
+
+struct AuditHeadCheck {
+  AuditHeadMatch match = AuditHeadMatch::Unknown;
+  std::string found_hash;  // Forked: the hash the log has at the head's seq
+};
+
+// Compares the log's end with `head`. `tail` is the last complete line of
+// the log (as the appender chains onto it); `window` is the log's last
+// bytes, ending with that line (bytes after the last '\n' are ignored),
+// and `whole_log` says whether it starts at the beginning of the file.
+// The record with the head's seq is looked up where a gap-free chain puts
+// it, tail.seq - head.seq lines before the tail, and parsed alone.
+AuditHeadCheck check_audit_end_against_head(std::string_view window, bool whole_log, const AuditChainPoint& tail,
+                                            const AuditChainPoint& head);
+
+inline constexpr std::string_view kAuditTamperEventName = "AuditLogTampered";
+
+// The record the appender writes into the chain, before the caller's, when
+// check_audit_end_against_head() found a cut or a fork: the head's seq and
+// hash, the tail it found and, for a fork, the hash the log has at the
+// head's seq (serviceEventDetails: headSeq, headHash, tailSeq, tailHash,
+// recordHash).
+nlohmann::json audit_tamper_event(const AuditChainPoint& head, const AuditChainPoint& tail, const AuditHeadCheck& found,
+                                  std::string event_time);
+
+// Whether `window` (lines of the log) holds an AuditLogTampered record
+// that names `head`: a cut is recorded once, not again by every process
+// that appends before the head has moved past it.
+bool audit_tamper_recorded(std::string_view window, const AuditChainPoint& head);
 
 // The event records of `log` that match `query` (checkpoints, lines that
 // are not JSON objects and a partial last line are skipped), oldest first,

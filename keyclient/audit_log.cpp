@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <ctime>
 
@@ -28,6 +29,12 @@ Unexpected<KmsError> internal(std::string msg) {
   named_logger("kmsfs.kms")->error("audit log: {}", msg);
   return kms_error(KmsErrorCode::KMSInternalException, "audit log: " + std::move(msg));
 }
+
+// How far back from the end an append looks for the record the head
+// names, and for an AuditLogTampered record already naming the head. The
+// head is rewritten every checkpoint, so it is normally a few dozen records
+// back; further back, `audit verify` (which reads everything) has to do.
+constexpr off_t kHeadCheckWindow = 1 << 20;
 
 Result<std::string, std::string> read_all(const std::string& path) {
   auto t = read_file_if_exists(path);
@@ -205,6 +212,86 @@ KmsResult<void> AuditLog::load_tail(const struct stat& st) {
   return {};
 }
 
+KmsResult<std::string> AuditLog::read_back(off_t end, off_t max) {
+  const off_t start = end > max ? end - max : 0;
+  std::string buf(static_cast<std::size_t>(end - start), '\0');
+  std::size_t got = 0;
+  while (got < buf.size()) {
+    const ssize_t n = ::pread(log_fd_->get(), buf.data() + got, buf.size() - got, start + static_cast<off_t>(got));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return kms_error(KmsErrorCode::KMSInternalException, "cannot read " + path_ + ": " + errno_text(errno));
+    if (n == 0) break;
+    got += static_cast<std::size_t>(n);
+  }
+  buf.resize(got);
+  return buf;
+}
+
+std::optional<json> AuditLog::check_against_head(off_t log_size, const std::string& event_time) {
+  auto log = named_logger("kmsfs.kms");
+  // No head yet, or one that cannot be read or parsed: nothing to compare
+  // with (`audit verify` names an unreadable or malformed head).
+  auto text = read_file_if_exists(head_path_);
+  if (!text || !*text) return std::nullopt;
+  const auto head = parse_audit_head(**text);
+  if (!head) return std::nullopt;
+  const AuditChainPoint named{head->seq, head->hash};
+  const AuditChainPoint tail{tail_seq_, tail_hash_};
+  // A cut, or a tail at the head's seq, needs no read; otherwise the
+  // window grows until it reaches the head's record or its limit.
+  AuditHeadCheck found = check_audit_end_against_head({}, log_size == 0, tail, named);
+  std::string window;
+  for (off_t want = 64 * 1024; found.match == AuditHeadMatch::NeedMore; want *= 4) {
+    auto w = read_back(log_size, std::min(want, kHeadCheckWindow));
+    if (!w) {
+      log->warn("audit log: cannot compare {} with {}: {}", path_, head_path_, w.error().message);
+      return std::nullopt;
+    }
+    window = std::move(*w);
+    found = check_audit_end_against_head(window, static_cast<off_t>(window.size()) >= log_size, tail, named);
+    if (found.match == AuditHeadMatch::NeedMore && want >= kHeadCheckWindow) {
+      log->debug("audit log: the record {} names (seq {}) is not within the last {} bytes of {}; not compared",
+                 head_path_, head->seq, kHeadCheckWindow, path_);
+      return std::nullopt;
+    }
+  }
+  if (found.match != AuditHeadMatch::Cut && found.match != AuditHeadMatch::Forked) return std::nullopt;
+  // Whoever can cut the log can write audit.head as well: only a head whose
+  // HSM MAC verifies vouches for anything. (The HSM is asked only here, when
+  // the log already looks damaged.)
+  auto m = mac(audit_head_mac_input(head->seq, head->hash));
+  if (!m) {
+    log->warn("audit log: {} does not match {}, whose MAC cannot be checked now ({}); `kmsctl audit verify` compares them",
+              path_, head_path_, m.error().message);
+    return std::nullopt;
+  }
+  if (crypto::to_hex(*m) != head->mac) {
+    log->warn("audit log: {} does not match {}, but the head's HSM MAC does not verify (the head was edited); "
+              "`kmsctl audit verify` reports it",
+              path_, head_path_);
+    return std::nullopt;
+  }
+  // Recorded once: later processes find the record (until the head moves
+  // past the damage) instead of adding one each.
+  if (static_cast<off_t>(window.size()) < std::min(log_size, kHeadCheckWindow)) {
+    auto w = read_back(log_size, kHeadCheckWindow);
+    if (w) window = std::move(*w);
+  }
+  if (audit_tamper_recorded(window, named)) return std::nullopt;
+  if (found.match == AuditHeadMatch::Cut) {
+    log->warn("audit log: {} ends at seq {} but the HSM-MACed {} names seq {}: records were removed; recording "
+              "an AuditLogTampered record and appending on (`kmsctl audit verify` names it)",
+              path_, tail.seq, head_path_, head->seq);
+  } else {
+    log->warn("audit log: the record at seq {} of {} has another hash than the HSM-MACed {}: the log was rewritten; "
+              "recording an AuditLogTampered record and appending on (`kmsctl audit verify` names it)",
+              head->seq, path_, head_path_);
+  }
+  json event = audit_tamper_event(named, tail, found, event_time);
+  event["userIdentity"]["pid"] = ::getpid();
+  return event;
+}
+
 KmsResult<std::int64_t> AuditLog::cut_torn_tail(struct stat& st) {
   const int fd = log_fd_->get();
   char last = 0;
@@ -262,23 +349,37 @@ KmsResult<void> AuditLog::append(const json& event, AuditDurability durability) 
       if (*cut < 0) out.push_back('\n');
     }
     if (auto t = load_tail(st); !t) return t;
+    const std::string event_time = event.value("eventTime", std::string());
+    // Only a tail someone else wrote can have been cut or rewritten since
+    // this object's last look: the check costs nothing per append of one
+    // process, and reads the head once per change of writer.
+    std::optional<json> tampered;
+    if (!own_tail) tampered = check_against_head(st.st_size, event_time);
     std::uint64_t seq = tail_seq_;
     std::string hash = tail_hash_;
+    bool checkpoint = false;
     auto add = [&](json rec) {
       auto r = audit_record_text(std::move(rec), ++seq, hash);
       out += r.line;
       hash = std::move(r.point.hash);
     };
-    add(event);
-    const bool checkpoint = (seq + 1) % opts_.checkpoint_every == 0;
-    if (checkpoint) {
+    // A record, then the checkpoint when the next seq is due for one.
+    auto add_record = [&](json rec) -> KmsResult<void> {
+      add(std::move(rec));
+      if ((seq + 1) % opts_.checkpoint_every != 0) return {};
       auto m = mac(audit_checkpoint_mac_input(seq + 1, hash));
       if (!m) return Unexpected<KmsError>(m.error());
       add(json{{"eventType", "AuditCheckpoint"},
                {"eventName", "AuditCheckpoint"},
-               {"eventTime", event.value("eventTime", std::string())},
+               {"eventTime", event_time},
                {"mac", crypto::to_hex(*m)}});
+      checkpoint = true;
+      return {};
+    };
+    if (tampered) {
+      if (auto r = add_record(std::move(*tampered)); !r) return r;
     }
+    if (auto r = add_record(event); !r) return r;
     Tail head;
     if (checkpoint) {
       // The head for this checkpoint, MACed here so that the flusher that

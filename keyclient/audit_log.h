@@ -10,8 +10,13 @@
 // "mac" = HMAC-SHA-256(prevHash) under an HMAC key that lives in the HSM
 // (label kmsfs/audit-hmac); STATE/audit.head holds the newest checkpointed
 // {seq, hash, mac}, rewritten atomically after each checkpoint (by the
-// flusher, below) and when a core closes. So an edited, removed, reordered or truncated record is detected,
-// even by someone who recomputes the plain hashes after an edit.
+// flusher, below) and when a core closes. So an edited, removed, reordered
+// or truncated record is detected, even by someone who recomputes the plain
+// hashes after an edit. An append onto a tail this object did not write
+// compares the log with the head first: when records the head vouched for
+// are gone or different, it writes an AuditLogTampered record before the
+// caller's (audit_chain.h), so the damage stays named after later records
+// move the head on. The call itself is never refused for it.
 //
 // Several processes may append to one log: each append holds an exclusive
 // flock on STATE/audit.lock, reads the chain's tail (unless it wrote the
@@ -115,6 +120,15 @@ class AuditLog {
   // Under mu_: (re)opens the log when needed and takes the flock.
   KmsResult<void> open_locked();
   KmsResult<void> load_tail(const struct stat& st);
+  // Under mu_ and the flock, after load_tail() of a tail this object did
+  // not write: the AuditLogTampered record to write first when the log ends
+  // before the head's seq or differs from the head there (the head's MAC
+  // verified in the HSM), unless one naming that head is already there.
+  // Never an error: a check that cannot be made is logged and skipped, so
+  // that whoever can write the log cannot stop the KMS.
+  std::optional<nlohmann::json> check_against_head(off_t log_size, const std::string& event_time);
+  // Up to `max` bytes of the log ending at `end`.
+  KmsResult<std::string> read_back(off_t end, off_t max);
   // Under mu_ and the flock, when the log does not end with '\n': cuts off
   // the partial record a killed appender left (st.st_size updated) and
   // returns how many bytes; -1 when the file cannot be truncated.

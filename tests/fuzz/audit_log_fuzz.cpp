@@ -2,8 +2,10 @@
 // over hostile STATE/audit.log and STATE/audit.head contents. The input is
 // the log's text, optionally followed by a line "#audit.head" and the head
 // file's text. No input may throw or crash; a damaged log is a report that
-// names its problem; and a log that verifies can be appended to (the way
-// AuditLog chains onto its tail) and still verifies.
+// names its problem; a log that verifies can be appended to (the way
+// AuditLog chains onto its tail) and still verifies; the appender's check
+// against the head never calls a log that verifies cut or rewritten, and
+// the AuditLogTampered record it writes otherwise makes verify fail.
 //
 // The MAC callback is SHA-256 of the text (not the HSM's HMAC), so that
 // inputs with valid checkpoints and heads can be written by hand and found
@@ -61,7 +63,28 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   }
   auto tail = kc::parse_audit_tail_line(last);
   (void)kc::parse_audit_tail_line(input);
-  if (head) (void)kc::parse_audit_head(*head);
+  std::optional<kc::AuditHead> parsed_head;
+  if (head) parsed_head = kc::parse_audit_head(*head);
+
+  // What the appender reads before chaining onto a tail it did not write:
+  // the head against the log's end (as the whole file, and as a window
+  // that starts mid-file), and the AuditLogTampered records already there.
+  if (tail && parsed_head) {
+    const kc::AuditChainPoint named{parsed_head->seq, parsed_head->hash};
+    const auto whole = kc::check_audit_end_against_head(log, true, *tail, named);
+    if (whole.match == kc::AuditHeadMatch::NeedMore) std::abort();
+    (void)kc::check_audit_end_against_head(log.substr(log.size() / 2), false, *tail, named);
+    (void)kc::audit_tamper_recorded(log, named);
+    // A log that verifies against its head is never taken for a cut or a
+    // fork (that would be a false AuditLogTampered record).
+    if (rep->ok && parsed_head->seq > 0 && whole.match != kc::AuditHeadMatch::Consistent) std::abort();
+    // The record written when the check finds damage makes verify fail.
+    if (whole.match == kc::AuditHeadMatch::Cut || whole.match == kc::AuditHeadMatch::Forked) {
+      auto marked = kc::audit_record_text(kc::audit_tamper_event(named, *tail, whole, ""), tail->seq + 1, tail->hash);
+      auto v = kc::verify_audit_text(std::string(log) + marked.line, head, fake_mac);
+      if (!v || v->ok) std::abort();
+    }
+  }
 
   // A log that verifies ends with a record the appender chains onto, and
   // stays valid when it does.

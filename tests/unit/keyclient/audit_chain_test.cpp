@@ -237,5 +237,142 @@ TEST(AuditChain, SearchSkipsRecordsOfOtherShapes) {
   EXPECT_EQ(search_audit_text(log, all).size(), 5u) << "every object that is not a checkpoint";
 }
 
+// --- the appender's check against the head ----------------------------------
+
+Chain ten_events() {
+  Chain c;
+  for (int i = 0; i < 10; ++i) c.add(event(i % 2 ? "Encrypt" : "Decrypt"));
+  return c;
+}
+
+// The seq and hash of the record on `line` (1-based).
+AuditChainPoint point_at(const std::string& log, std::size_t line) {
+  std::size_t pos = 0;
+  for (std::size_t i = 1; i < line; ++i) pos = log.find('\n', pos) + 1;
+  return *parse_audit_tail_line(log.substr(pos, log.find('\n', pos) - pos));
+}
+
+TEST(AuditChain, LogEndMatchesTheHeadItContains) {
+  const Chain c = ten_events();
+  for (std::size_t at : {10u, 9u, 4u, 1u}) {
+    SCOPED_TRACE(at);
+    auto r = check_audit_end_against_head(c.text, true, c.tail, point_at(c.text, at));
+    EXPECT_EQ(r.match, AuditHeadMatch::Consistent);
+  }
+  // A record torn by a kill after the tail is not a line.
+  auto r = check_audit_end_against_head(c.text + "{\"seq\":11,\"prevH", true, c.tail, point_at(c.text, 7));
+  EXPECT_EQ(r.match, AuditHeadMatch::Consistent);
+}
+
+TEST(AuditChain, LogEndBeforeTheHeadIsACut) {
+  const Chain c = ten_events();
+  const AuditChainPoint head = c.tail;
+  const std::string log = c.text.substr(0, c.text.find('\n') + 1);
+  auto r = check_audit_end_against_head(log, true, point_at(log, 1), head);
+  EXPECT_EQ(r.match, AuditHeadMatch::Cut);
+  EXPECT_EQ(check_audit_end_against_head("", true, AuditChainPoint{0, kAuditZeroHash}, head).match, AuditHeadMatch::Cut);
+}
+
+TEST(AuditChain, OtherHashAtTheHeadsSeqIsAFork) {
+  const Chain c = ten_events();
+  AuditChainPoint head = point_at(c.text, 6);
+  const std::string real = head.hash;
+  head.hash = std::string(64, 'e');
+  auto r = check_audit_end_against_head(c.text, true, c.tail, head);
+  EXPECT_EQ(r.match, AuditHeadMatch::Forked);
+  EXPECT_EQ(r.found_hash, real);
+  head = c.tail;
+  head.hash = std::string(64, 'e');
+  r = check_audit_end_against_head("", false, c.tail, head);  // at the tail: nothing to read
+  EXPECT_EQ(r.match, AuditHeadMatch::Forked);
+  EXPECT_EQ(r.found_hash, c.tail.hash);
+}
+
+// The window is the file's last bytes: too short a window asks for more;
+// the whole log without the record where a gap-free chain has it is for
+// `audit verify` to name.
+TEST(AuditChain, HeadBeforeTheWindowOrAGapIsNotJudged) {
+  const Chain c = ten_events();
+  const std::string last_two = c.text.substr(c.text.size() - 2 * (c.text.size() / 10) - 20);
+  EXPECT_EQ(check_audit_end_against_head(last_two, false, c.tail, point_at(c.text, 3)).match, AuditHeadMatch::NeedMore);
+  EXPECT_EQ(check_audit_end_against_head("", false, c.tail, point_at(c.text, 3)).match, AuditHeadMatch::NeedMore);
+  // Record 5 removed: 5 lines before the tail is record 4 now.
+  std::string gap = c.text;
+  const std::size_t l5 = [&] {
+    std::size_t pos = 0;
+    for (int i = 1; i < 5; ++i) pos = gap.find('\n', pos) + 1;
+    return pos;
+  }();
+  gap.erase(l5, gap.find('\n', l5) + 1 - l5);
+  EXPECT_EQ(check_audit_end_against_head(gap, true, c.tail, point_at(c.text, 5)).match, AuditHeadMatch::Unknown);
+  EXPECT_EQ(check_audit_end_against_head(gap, true, c.tail, point_at(c.text, 1)).match, AuditHeadMatch::Unknown);
+  // Hostile windows: no line, lines that are no records.
+  for (const std::string w : {"", "\n", "\n\n\n\n\n\n\n\n\n\n\n", "5\n[1]\n{\"seq\":-1}\n", "{\"seq\":3,\"hash\":7}\n{}\n"}) {
+    SCOPED_TRACE(w);
+    AuditHeadCheck r;
+    EXPECT_NO_THROW(r = check_audit_end_against_head(w, true, AuditChainPoint{5, "x"}, AuditChainPoint{3, "y"}));
+    EXPECT_EQ(r.match, AuditHeadMatch::Unknown);
+  }
+}
+
+TEST(AuditChain, TamperRecordIsNamedByVerify) {
+  Chain c = ten_events();
+  const AuditChainPoint head{14, std::string(64, 'a')};
+  const AuditChainPoint tail = c.tail;
+  c.add(audit_tamper_event(head, tail, AuditHeadCheck{AuditHeadMatch::Cut, {}}, "2026-11-29T11:11:42Z"));
+  c.add(event("Decrypt"));
+  auto r = verify(c.text);
+  EXPECT_FALSE(r.ok);
+  EXPECT_EQ(r.line, 11u);
+  EXPECT_EQ(r.seq, 11u);
+  EXPECT_EQ(r.problem,
+            "line 11 (seq 11): the log had been truncated before this record: cut back from seq 14 to seq 10 "
+            "(audit.head said seq 14); records 11 to 14 were removed and their seqs reused");
+
+  Chain f = ten_events();
+  const AuditChainPoint fork_head{7, std::string(64, 'b')};
+  f.add(audit_tamper_event(fork_head, f.tail, AuditHeadCheck{AuditHeadMatch::Forked, std::string(64, 'c')}, ""));
+  r = verify(f.text);
+  EXPECT_FALSE(r.ok);
+  EXPECT_EQ(r.line, 11u);
+  EXPECT_TRUE(contains(r.problem, "line 11 (seq 11): the log had been rewritten before this record: audit.head said "
+                                  "seq 7 has hash bbbbbbbbbbbbbbbb..., the log had cccccccccccccccc... there"))
+      << r.problem;
+}
+
+// Regression guard: an AuditLogTampered record of another shape (only
+// someone who can write the log writes one) still fails verify, by its
+// line, and throws nothing.
+TEST(AuditChain, TamperRecordOfAnotherShapeFailsVerifyWithoutThrowing) {
+  for (const json& details : {json(nullptr), json(5), json::array({1}), json{{"headSeq", "x"}, {"tailSeq", -1}},
+                             json{{"headSeq", 3}, {"tailSeq", 9}, {"headHash", 1}, {"recordHash", json::object()}}}) {
+    SCOPED_TRACE(details.dump());
+    Chain c = three_events();
+    c.add(json{{"eventName", "AuditLogTampered"}, {"serviceEventDetails", details}});
+    auto r = verify(c.text);
+    EXPECT_FALSE(r.ok);
+    EXPECT_EQ(r.line, 4u);
+    EXPECT_TRUE(contains(r.problem, "line 4 (seq 4): the log had been")) << r.problem;
+    bool found = true;
+    EXPECT_NO_THROW(found = audit_tamper_recorded(c.text, AuditChainPoint{3, "h"}));
+    EXPECT_FALSE(found);
+  }
+}
+
+TEST(AuditChain, TamperRecordedMatchesOnlyTheSameHead) {
+  Chain c = ten_events();
+  const AuditChainPoint head{14, std::string(64, 'a')};
+  c.add(audit_tamper_event(head, c.tail, AuditHeadCheck{AuditHeadMatch::Cut, {}}, ""));
+  c.add(event("Decrypt"));
+  EXPECT_TRUE(audit_tamper_recorded(c.text, head));
+  EXPECT_FALSE(audit_tamper_recorded(c.text, AuditChainPoint{15, head.hash}));
+  EXPECT_FALSE(audit_tamper_recorded(c.text, AuditChainPoint{14, std::string(64, 'b')}));
+  EXPECT_FALSE(audit_tamper_recorded(ten_events().text, head));
+  // A record that only mentions the name elsewhere is not one.
+  Chain d = ten_events();
+  d.add(json{{"eventName", "Decrypt"}, {"note", "AuditLogTampered"}, {"serviceEventDetails", {{"headSeq", 14}, {"headHash", head.hash}}}});
+  EXPECT_FALSE(audit_tamper_recorded(d.text, head));
+}
+
 }  // namespace
 }  // namespace kmsfs::keyclient

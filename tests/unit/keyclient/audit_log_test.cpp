@@ -447,5 +447,211 @@ TEST(AuditLog, MalformedHeadIsReplacedByTheNextHeadWrite) {
   }
 }
 
+// --- the append's check against the head ----------------------------------
+
+std::vector<json> tamper_records(const std::string& path) {
+  std::vector<json> out;
+  for (auto& r : records_of(path)) {
+    if (r.is_object() && r.value("eventName", std::string()) == "AuditLogTampered") out.push_back(r);
+  }
+  return out;
+}
+
+void cut_lines(const std::string& path, std::size_t keep) {
+  std::ifstream in(path);
+  std::string kept;
+  std::string l;
+  for (std::size_t i = 0; i < keep && std::getline(in, l); ++i) kept += l + "\n";
+  in.close();
+  test::write_text(path, kept);
+}
+
+AuditLogOptions no_checkpoints() {
+  AuditLogOptions o;
+  o.checkpoint_every = 1000;  // heads only from write_head() and close: where the test puts them
+  o.sync_interval = 1h;
+  return o;
+}
+
+// Records cut off the end below the head: the next append (another
+// object, as a new process) writes an AuditLogTampered record naming the
+// head and the tail it found, then the caller's record; the head is not
+// moved back; later appends of yet other objects do not record the same
+// cut again; verify names the record. The call is not refused.
+TEST(AuditLog, CutFoundByAnAppendIsRecordedOnceAndTheHeadStays) {
+  const std::string dir = test::make_temp_dir("audit");
+  auto hsm = test::open_test_hsm(test::unique_token_label());
+  {
+    AuditLog log(dir, *hsm, no_checkpoints());
+    for (int i = 0; i < 10; ++i) ASSERT_TRUE(log.append(event("Decrypt", i), AuditDurability::Buffered));
+  }
+  const std::string head_text = test::read_text(dir + "/audit.head");
+  const json head = json::parse(head_text);
+  ASSERT_EQ(head["seq"], 10);
+  const std::string path = dir + "/audit.log";
+  const json kept_tail = records_of(path).at(5);
+  cut_lines(path, 6);
+  {
+    AuditLog log(dir, *hsm, no_checkpoints());
+    ASSERT_TRUE(log.append(event("Encrypt", 99), AuditDurability::Buffered));
+  }
+  auto recs = records_of(path);
+  ASSERT_EQ(recs.size(), 8u);
+  EXPECT_EQ(recs[6]["eventName"], "AuditLogTampered");
+  EXPECT_EQ(recs[6]["errorCode"], "AuditLogTampered");
+  EXPECT_EQ(recs[6]["readOnly"], false);
+  EXPECT_EQ(recs[6]["seq"], 7);
+  EXPECT_EQ(recs[6]["serviceEventDetails"]["headSeq"], 10);
+  EXPECT_EQ(recs[6]["serviceEventDetails"]["headHash"], head["hash"]);
+  EXPECT_EQ(recs[6]["serviceEventDetails"]["tailSeq"], 6);
+  EXPECT_EQ(recs[6]["serviceEventDetails"]["tailHash"], kept_tail["hash"]);
+  EXPECT_EQ(recs[7]["n"], 99) << "the caller's record follows";
+  EXPECT_EQ(test::read_text(dir + "/audit.head"), head_text) << "the head never moves back";
+
+  for (int i = 0; i < 3; ++i) {
+    AuditLog log(dir, *hsm, no_checkpoints());
+    ASSERT_TRUE(log.append(event("Encrypt", 100 + i), AuditDurability::Buffered));
+  }
+  EXPECT_EQ(tamper_records(path).size(), 1u) << "the same cut is recorded once";
+  EXPECT_EQ(json::parse(test::read_text(dir + "/audit.head"))["seq"], 11) << "past the old head: it moves on";
+  AuditLog reader(dir, *hsm, no_checkpoints());
+  auto v = reader.verify();
+  ASSERT_TRUE(v);
+  EXPECT_FALSE(v->ok);
+  EXPECT_EQ(v->line, 7u);
+  EXPECT_NE(v->problem.find("line 7 (seq 7): the log had been truncated before this record: cut back from seq 10 to seq 6"),
+            std::string::npos)
+      << v->problem;
+}
+
+// A head whose HSM MAC does not verify vouches for nothing: a log shorter
+// than it is not recorded as cut (`audit verify` reports the head).
+TEST(AuditLog, HeadWithAForgedMacIsNotTrustedByTheAppend) {
+  const std::string dir = test::make_temp_dir("audit");
+  auto hsm = test::open_test_hsm(test::unique_token_label());
+  {
+    AuditLog log(dir, *hsm, no_checkpoints());
+    for (int i = 0; i < 3; ++i) ASSERT_TRUE(log.append(event("Decrypt", i), AuditDurability::Buffered));
+  }
+  test::write_text(dir + "/audit.head", json{{"seq", 50}, {"hash", std::string(64, 'a')}, {"mac", std::string(64, 'b')}}.dump());
+  AuditLog log(dir, *hsm, no_checkpoints());
+  ASSERT_TRUE(log.append(event("Decrypt", 3), AuditDurability::Buffered));
+  EXPECT_TRUE(tamper_records(log.path()).empty());
+  auto v = log.verify();
+  ASSERT_TRUE(v);
+  EXPECT_FALSE(v->ok);
+  EXPECT_NE(v->problem.find("the HSM MAC does not verify (the head was edited)"), std::string::npos) << v->problem;
+}
+
+// Two processes' worth of appenders (two objects, two HSM sessions) taking
+// turns on one log, with heads written by both in between: each append
+// finds the other's tail, at the head's seq or past it, and compares. An
+// intact log is never called tampered.
+TEST(AuditLog, AlternatingWritersWithHeadsAreNoTampering) {
+  const std::string dir = test::make_temp_dir("audit");
+  const std::string token = test::unique_token_label();
+  auto h1 = test::open_test_hsm(token);
+  auto h2 = test::open_test_hsm(token);
+  AuditLogOptions o;
+  o.checkpoint_every = 4;
+  o.sync_interval = 1h;  // heads only from write_head() and close, where the test puts them
+  {
+    AuditLog a(dir, *h1, o);
+    AuditLog b(dir, *h2, o);
+    for (int i = 0; i < 30; ++i) {
+      ASSERT_TRUE(a.append(event("Decrypt", i), AuditDurability::Buffered));
+      if (i % 3 == 0) {
+        ASSERT_TRUE(a.write_head());  // b's next append finds its tail at the head's seq
+      }
+      ASSERT_TRUE(b.append(event("Encrypt", i), AuditDurability::Durable));
+      if (i % 5 == 1) {
+        ASSERT_TRUE(b.write_head());  // a's next append: the head one record back, or at the tail
+      }
+    }
+  }
+  EXPECT_TRUE(tamper_records(dir + "/audit.log").empty());
+  AuditLog reader(dir, *h1, o);
+  auto v = reader.verify();
+  ASSERT_TRUE(v);
+  EXPECT_TRUE(v->ok) << v->problem;
+  EXPECT_EQ(v->records, 60u + 60u / 3);  // 60 events, a checkpoint every 4th record
+}
+
+// A kill inside an append's write(2) tears only the record being written,
+// after every record a head can name (the head is written after the sync
+// of the records it names): cutting the torn bytes off is no tampering,
+// also when the head names the last complete record.
+TEST(AuditLog, RecordTornByAKillAfterTheHeadIsNoTampering) {
+  const std::string dir = test::make_temp_dir("audit");
+  auto hsm = test::open_test_hsm(test::unique_token_label());
+  {
+    AuditLog log(dir, *hsm, no_checkpoints());
+    for (int i = 0; i < 5; ++i) ASSERT_TRUE(log.append(event("Decrypt", i), AuditDurability::Buffered));
+  }
+  ASSERT_EQ(json::parse(test::read_text(dir + "/audit.head"))["seq"], 5);
+  const std::string path = dir + "/audit.log";
+  {
+    std::ofstream out(path, std::ios::app);
+    out << R"({"eventName":"Decrypt","seq":6,"prevH)";
+  }
+  AuditLog log(dir, *hsm, no_checkpoints());
+  ASSERT_TRUE(log.append(event("Encrypt", 6), AuditDurability::Buffered));
+  EXPECT_TRUE(tamper_records(path).empty());
+  auto v = log.verify();
+  ASSERT_TRUE(v);
+  EXPECT_TRUE(v->ok) << v->problem;
+  EXPECT_EQ(v->records, 6u);
+}
+
+// The same with a real kill: a child appends without end (no HSM needed:
+// no checkpoint falls due) and is killed with SIGKILL wherever it is; the
+// head written before names a record it cannot have touched. The next
+// append cuts what the kill tore and finds the log intact.
+TEST(AuditLog, WriterKilledMidAppendIsNoTampering) {
+  const std::string dir = test::make_temp_dir("audit");
+  auto hsm = test::open_test_hsm(test::unique_token_label());
+  {
+    AuditLog log(dir, *hsm, no_checkpoints());
+    for (int i = 0; i < 5; ++i) ASSERT_TRUE(log.append(event("Decrypt", i), AuditDurability::Buffered));
+  }
+  int fds[2];
+  ASSERT_EQ(::pipe(fds), 0);
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(fds[0]);
+    NoHsm none;
+    AuditLog log(dir, none, options(1h));
+    // Records of 1.5 KiB: a write often straddles a page boundary, where a
+    // kill stops it.
+    const std::string pad(1500, 'x');
+    for (int i = 0;; ++i) {
+      json e = event("GenerateDataKey", i);
+      e["pad"] = pad;
+      if (!log.append(e, AuditDurability::Buffered)) ::_exit(1);
+      if (i == 20) {
+        const char c = 'y';
+        (void)!::write(fds[1], &c, 1);
+      }
+    }
+  }
+  ::close(fds[1]);
+  char c = 0;
+  ASSERT_EQ(::read(fds[0], &c, 1), 1);
+  ::close(fds[0]);
+  ASSERT_EQ(::kill(pid, SIGKILL), 0);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFSIGNALED(status));
+
+  AuditLog log(dir, *hsm, no_checkpoints());
+  ASSERT_TRUE(log.append(event("Encrypt", 1), AuditDurability::Buffered));
+  EXPECT_TRUE(tamper_records(log.path()).empty());
+  auto v = log.verify();
+  ASSERT_TRUE(v);
+  EXPECT_TRUE(v->ok) << v->problem;
+  EXPECT_GE(v->records, 5u + 21u + 1u);
+}
+
 }  // namespace
 }  // namespace kmsfs::keyclient

@@ -876,5 +876,92 @@ TEST_F(AuditTamperTest, TruncationIsNamed) {
   EXPECT_NE(v2["Problem"].get<std::string>().find("truncated"), std::string::npos) << v2.dump();
 }
 
+
+// The gap review found: a truncated log was only caught until the next
+// calls chained onto the shortened tail, reused the removed seqs and moved
+// the HSM-MACed head past the cut; after that `audit verify` said Valid.
+// Now the first append onto the cut records it (AuditLogTampered) and
+// verify names that record for good. Each call runs in a fresh core, as
+// each kmsctl invocation does: the cut is recorded once, not per process.
+TEST_F(AuditTamperTest, TruncationStaysNamedAfterLaterCallsMoveTheHead) {
+  KmsCoreOptions opts;
+  opts.audit_checkpoint_every = 8;
+  const auto head_before = json::parse(test::read_text(state_ + "/audit.head"));
+  const std::uint64_t cut_from = head_before["seq"];
+  ASSERT_EQ(cut_from, lines_.size()) << "the fixture's close wrote the head for its last record";
+  auto l = lines_;
+  l.resize(l.size() - 3);
+  write_lines(path_, l);
+  for (int i = 0; i < 12; ++i) {
+    open_core(opts);
+    ok("ListKeys", json::object());
+  }
+  core_.reset();  // closing writes the head: past the old one now
+  const auto head_after = json::parse(test::read_text(state_ + "/audit.head"));
+  ASSERT_GT(head_after["seq"].get<std::uint64_t>(), cut_from) << "the calls did not move the head past the cut";
+  int tamper_records = 0;
+  for (const auto& line : lines_of(path_)) {
+    if (json::parse(line).value("eventName", std::string()) == "AuditLogTampered") ++tamper_records;
+  }
+  EXPECT_EQ(tamper_records, 1) << "the cut is recorded once, by the first append onto it";
+  open_core(opts);
+  auto v = verify();
+  EXPECT_FALSE(v["Valid"]) << v.dump();
+  EXPECT_EQ(v["Line"], l.size() + 1) << v.dump();
+  const std::string want = "cut back from seq " + std::to_string(cut_from) + " to seq " + std::to_string(l.size());
+  EXPECT_NE(v.value("Problem", std::string()).find(want), std::string::npos) << v.dump();
+}
+
+// Rewrites the plain hashes of lines[from..] so the chain is consistent
+// again, as an attacker who edited lines[from] would.
+void rehash_from(std::vector<std::string>& lines, std::size_t from) {
+  std::string prev = from == 0 ? std::string(64, '0') : json::parse(lines[from - 1])["hash"].get<std::string>();
+  for (std::size_t i = from; i < lines.size(); ++i) {
+    json r = json::parse(lines[i]);
+    r.erase("hash");
+    r["prevHash"] = prev;
+    std::string body = r.dump();
+    body.pop_back();
+    const std::string in = prev + "\n" + body;
+    prev = crypto::to_hex(crypto::sha256(std::span(reinterpret_cast<const std::uint8_t*>(in.data()), in.size())));
+    lines[i] = body + ",\"hash\":\"" + prev + "\"}";
+  }
+}
+
+// An edit below the head with the plain hashes recomputed and no checkpoint
+// MAC in between: only the head's hash showed it, until later calls moved
+// the head onto the forged chain. The first append onto it records the
+// fork.
+TEST_F(AuditTamperTest, RehashedEditBelowTheHeadStaysNamedAfterLaterCallsMoveTheHead) {
+  KmsCoreOptions opts;
+  opts.audit_checkpoint_every = 8;
+  // Two records after the last checkpoint, named by the head at close.
+  ok("ListKeys", json::object());
+  ok("ListKeys", json::object());
+  core_.reset();
+  auto l = lines_of(path_);
+  const std::uint64_t head_seq = json::parse(test::read_text(state_ + "/audit.head"))["seq"];
+  ASSERT_EQ(head_seq, l.size());
+  json edited = json::parse(l[l.size() - 2]);
+  ASSERT_EQ(edited["eventName"], "ListKeys");
+  ASSERT_NE(edited.value("eventType", std::string()), "AuditCheckpoint");
+  edited["userIdentity"]["uid"] = 4242;
+  l[l.size() - 2] = edited.dump();
+  rehash_from(l, l.size() - 2);
+  write_lines(path_, l);
+  for (int i = 0; i < 12; ++i) {
+    open_core(opts);
+    ok("ListKeys", json::object());
+  }
+  core_.reset();
+  ASSERT_GT(json::parse(test::read_text(state_ + "/audit.head"))["seq"].get<std::uint64_t>(), head_seq);
+  open_core(opts);
+  auto v = verify();
+  EXPECT_FALSE(v["Valid"]) << v.dump();
+  EXPECT_EQ(v["Line"], l.size() + 1) << v.dump();
+  EXPECT_NE(v.value("Problem", std::string()).find("rewritten"), std::string::npos) << v.dump();
+  EXPECT_NE(v.value("Problem", std::string()).find("seq " + std::to_string(head_seq)), std::string::npos) << v.dump();
+}
+
 }  // namespace
 }  // namespace kmsfs::keyclient
