@@ -23,6 +23,7 @@
 #include <sstream>
 
 #include "crypto/encoding.h"
+#include "crypto/json_int.h"
 #include "crypto/random.h"
 #include "fs/filesystem.h"
 #include "fs/name_mapper.h"
@@ -135,7 +136,7 @@ Result<VolumeConfig, std::string> VolumeConfig::load(const std::string& cipherdi
     if (j.value("format", std::string()) != "kmsfs") {
       return unexpected(path + ": \"format\" is not \"kmsfs\"");
     }
-    c.format_version = j.at("format_version").get<int>();
+    c.format_version = crypto::json_int<int>(j.at("format_version"));
     if (c.format_version != kFormatVersion) {
       return unexpected(path + ": format version " + std::to_string(c.format_version) +
                         " is not supported by this kmsfs (it reads version " +
@@ -148,7 +149,7 @@ Result<VolumeConfig, std::string> VolumeConfig::load(const std::string& cipherdi
     std::memcpy(c.filesystem_id.data(), id->data(), c.filesystem_id.size());
     c.key_id = j.at("key_id").get<std::string>();
     if (c.key_id.empty()) return unexpected(path + ": \"key_id\" is empty");
-    c.block_size = j.at("block_size").get<std::uint32_t>();
+    c.block_size = crypto::json_int<std::uint32_t>(j.at("block_size"));
     if (c.block_size != 4096) {
       return unexpected(path + ": block size " + std::to_string(c.block_size) +
                         " is not supported (only 4096)");
@@ -167,7 +168,7 @@ Result<VolumeConfig, std::string> VolumeConfig::load(const std::string& cipherdi
         return unexpected(path + ": \"wrapped_name_key\" is not valid base64");
       }
       c.wrapped_name_key = std::move(*wrapped);
-      c.long_name_max = j.value("long_name_max", 255U);
+      c.long_name_max = crypto::json_int_or(j, "long_name_max", 255U);
       if (c.long_name_max < NameMapper::kMinLongNameMax || c.long_name_max > NameMapper::kMaxName) {
         return unexpected(path + ": \"long_name_max\" must be in 63..255");
       }

@@ -11,6 +11,7 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 
+#include "crypto/json_int.h"
 #include "keyclient/ciphertext_blob.h"
 #include "keyclient/kms_json.h"
 #include "keyclient/logger.h"
@@ -92,7 +93,7 @@ Result<KeyRecord, std::string> key_record_from_json(const std::string& text) {
   try {
     json j = json::parse(text);
     if (!j.is_object()) return unexpected(std::string("not a JSON object"));
-    if (j.value("FormatVersion", 0) != kFormatVersion) {
+    if (crypto::json_int_or(j, "FormatVersion", 0) != kFormatVersion) {
       return unexpected("unsupported FormatVersion " + j.value("FormatVersion", json()).dump());
     }
     KeyRecord rec;
@@ -101,11 +102,11 @@ Result<KeyRecord, std::string> key_record_from_json(const std::string& text) {
     if (j.contains("Tags")) j.at("Tags").get_to(rec.tags);
     for (const auto& v : j.at("Versions")) {
       KeyVersion kv;
-      v.at("Version").get_to(kv.version);
+      kv.version = crypto::json_int<std::uint32_t>(v.at("Version"));
       v.at("HsmLabel").get_to(kv.hsm_label);
       kv.creation_date = v.value("CreationDate", 0.0);
       kv.rotation_type = v.value("RotationType", std::string());
-      kv.wrap_count = v.value("WrapCount", std::uint64_t{0});
+      kv.wrap_count = crypto::json_int_or(v, "WrapCount", std::uint64_t{0});
       kv.material = v.value("Material", true);
       if (kv.version == 0 || kv.hsm_label.empty()) return unexpected(std::string("invalid version entry"));
       rec.versions.push_back(std::move(kv));
@@ -116,7 +117,7 @@ Result<KeyRecord, std::string> key_record_from_json(const std::string& text) {
     if (j.contains("Rotation")) {
       const json& r = j["Rotation"];
       rec.rotation.enabled = r.value("Enabled", false);
-      rec.rotation.period_days = r.value("PeriodInDays", 365);
+      rec.rotation.period_days = crypto::json_int_or(r, "PeriodInDays", 365);
       if (r.contains("NextRotationDate")) rec.rotation.next_rotation_date = r["NextRotationDate"].get<double>();
       if (r.contains("OnDemandRotationStartDate")) {
         rec.rotation.on_demand_start = r["OnDemandRotationStartDate"].get<double>();
@@ -132,7 +133,7 @@ Result<KeyRecord, std::string> key_record_from_json(const std::string& text) {
         g.retiring_principal = jg.value("RetiringPrincipal", std::string());
         jg.at("Operations").get_to(g.operations);
         g.creation_date = jg.value("CreationDate", 0.0);
-        g.issuing_uid = jg.value("IssuingUid", 0u);
+        g.issuing_uid = crypto::json_int_or(jg, "IssuingUid", 0u);
         if (jg.contains("Constraints")) {
           const json& c = jg["Constraints"];
           if (c.contains("EncryptionContextEquals")) g.context_equals = c["EncryptionContextEquals"].get<EncryptionContext>();
@@ -141,7 +142,7 @@ Result<KeyRecord, std::string> key_record_from_json(const std::string& text) {
         rec.grants.push_back(std::move(g));
       }
     }
-    rec.creator_uid = j.value("CreatorUid", 0u);
+    rec.creator_uid = crypto::json_int_or(j, "CreatorUid", 0u);
     if (j.contains("Import")) {
       const json& im = j["Import"];
       rec.import.wrapping_label = im.value("WrappingLabel", std::string());
@@ -288,7 +289,7 @@ KmsResult<std::vector<AliasRecord>> KeyStore::load_aliases() const {
   std::vector<AliasRecord> out;
   try {
     json j = json::parse(text);
-    if (j.value("FormatVersion", 0) != kFormatVersion) {
+    if (crypto::json_int_or(j, "FormatVersion", 0) != kFormatVersion) {
       return internal("alias file " + path + " is malformed: unsupported FormatVersion");
     }
     for (const auto& a : j.at("Aliases")) {

@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "crypto/encoding.h"
+#include "crypto/json_int.h"
 
 namespace kmsfs::keyclient {
 
@@ -15,12 +16,22 @@ namespace {
 template <class T>
 void get_opt(const json& j, const char* name, T& out) {
   auto it = j.find(name);
-  if (it != j.end() && !it->is_null()) it->get_to(out);
+  if (it == j.end() || it->is_null()) return;
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    out = crypto::json_int<T>(*it);
+  } else {
+    it->get_to(out);
+  }
 }
 template <class T>
 void get_opt(const json& j, const char* name, std::optional<T>& out) {
   auto it = j.find(name);
-  if (it != j.end() && !it->is_null()) out = it->get<T>();
+  if (it == j.end() || it->is_null()) return;
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    out = crypto::json_int<T>(*it);  // no float-to-int conversion of untrusted input
+  } else {
+    out = it->get<T>();
+  }
 }
 template <class T>
 void put_opt(json& j, const char* name, const std::optional<T>& v) {

@@ -234,6 +234,21 @@ TEST_F(KmsLifecycleTest, OperationStateTableFollowsAws) {
   }
 }
 
+// A number where an integer belongs (1e300 made the JSON library's float
+// to int conversion undefined behaviour: found by fuzzing) is a
+// ValidationException, from any client.
+TEST_F(KmsLifecycleTest, FloatsWhereIntegersBelongAreValidationErrors) {
+  const std::string k = create();
+  for (const char* n : {"1e300", "1.5", "-1e300", "4.0"}) {
+    SCOPED_TRACE(n);
+    EXPECT_EQ(code("GenerateDataKey", {{"KeyId", k}, {"NumberOfBytes", json::parse(n)}}), KmsErrorCode::ValidationException);
+    EXPECT_EQ(code("GenerateRandom", {{"NumberOfBytes", json::parse(n)}}), KmsErrorCode::ValidationException);
+    EXPECT_EQ(code("ScheduleKeyDeletion", {{"KeyId", k}, {"PendingWindowInDays", json::parse(n)}}),
+              KmsErrorCode::ValidationException);
+  }
+  EXPECT_EQ(state_of(k), "Enabled");
+}
+
 TEST_F(KmsLifecycleTest, StateTransitions) {
   const std::string k = create();
   ok("DisableKey", {{"KeyId", k}});
