@@ -7,6 +7,7 @@
 #include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
+#include <grp.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -314,6 +315,23 @@ TEST_F(Kmsd, SocketModeIsApplied) {
   ASSERT_EQ(::stat(kmsd_->socket().c_str(), &st), 0);
   EXPECT_TRUE(S_ISSOCK(st.st_mode));
   EXPECT_EQ(st.st_mode & 0777, 0600u);
+}
+
+// Ownership too: --socket-group names the group that may connect (with a
+// 0660 mode), by name or by gid; an unknown group is refused, naming it.
+TEST_F(Kmsd, SocketGroupIsApplied) {
+  const struct group* g = ::getgrnam("nogroup");
+  if (g == nullptr) GTEST_SKIP() << "no group 'nogroup' here";
+  const gid_t gid = g->gr_gid;
+  start({"--socket-mode", "0660", "--socket-group", "nogroup"});
+  struct stat st {};
+  ASSERT_EQ(::stat(kmsd_->socket().c_str(), &st), 0);
+  EXPECT_EQ(st.st_gid, gid);
+  EXPECT_EQ(st.st_mode & 0777, 0660u);
+  auto bad = run_command({bin("kmsd"), "--state-dir", root_ + "/other", "--socket", root_ + "/other.sock",
+                          "--socket-group", "no-such-group-kmsfs"});
+  EXPECT_NE(bad.exit_code, 0);
+  EXPECT_NE(bad.err.find("no-such-group-kmsfs"), std::string::npos) << bad.err;
 }
 
 TEST_F(Kmsd, CallerIdentityComesFromThePeerAndPoliciesDeny) {
