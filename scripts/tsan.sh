@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # ThreadSanitizer run of the concurrent tests (issue #7): builds only what
 # they need with -DKMSFS_TSAN=ON in $KMSFS_TSAN_BUILD_DIR (default
-# build-tsan/) — the kmsfs server, kmsctl and the differential tester — and
-# runs the tester's concurrent modes against a TSan-instrumented kmsfs. A
-# data race in the server makes kmsfs exit 66 at unmount (TSan's exitcode),
-# which the tester reports as a failure, with TSan's report in the server log.
+# build-tsan/) — the kmsfs server, kmsctl, the differential tester and the
+# keyclient unit tests — and runs the tester's concurrent modes against a
+# TSan-instrumented kmsfs, then the KMS side's concurrent unit tests (audit
+# group commit, DEK cache, prefetch refillers, two cores on one home, the
+# HSM session pool, background maintenance). A data race in the server makes
+# kmsfs exit 66 at unmount (TSan's exitcode), which the tester reports as a
+# failure, with TSan's report in the server log.
 #
 #   scripts/tsan.sh [--jobs N]
 #
-# Cost on 2 cores: about 8-10 min to build, 1 min to run. scripts/test.sh
+# Cost on 2 cores: about 12-15 min to build, 1-2 min to run. scripts/test.sh
 # (CI) runs it unless KMSFS_CI_TSAN=0.
 set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -16,7 +19,7 @@ BUILD=${KMSFS_TSAN_BUILD_DIR:-$ROOT/build-tsan}
 JOBS=${KMSFS_JOBS:-$(nproc)}
 [[ ${1:-} == --jobs ]] && JOBS=$2
 cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKMSFS_TSAN=ON >/dev/null || exit 1
-cmake --build "$BUILD" -j "$JOBS" --target kmsfs kmsctl kmsfs_difftest || exit 1
+cmake --build "$BUILD" -j "$JOBS" --target kmsfs kmsctl kmsfs_difftest keyclient_unit_tests || exit 1
 # halt_on_error: the first race fails the run; second_deadlock_stack for
 # lock-order reports. Logs of the server land in its volume's .log file.
 export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:exitcode=66:${TSAN_OPTIONS:-}"
@@ -25,4 +28,8 @@ DIFF=$BUILD/tests/stress/kmsfs_difftest
 "$DIFF" --seed 11 --ops 3000 --threads 4 --shrink-seconds 0 || failed=1
 "$DIFF" --seed 12 --ops 3000 --threads 2 --mount-opts no_writeback_cache --shrink-seconds 0 || failed=1
 "$DIFF" --seed 13 --ops 2000 --shrink-seconds 0 || failed=1
+CONCURRENT='AuditLog.ConcurrentAppendersKeepOneChain:DataKeyCache.ConcurrentUseIsSafe:DataKeyPrefetcher.*'
+CONCURRENT+=':KmsCoreTest.DefaultManagedKeyIsCreatedOnceByTwoCores:KmsCoreTest.TwoCoresCreatingConcurrentlyLoseNothing'
+CONCURRENT+=':KmsCoreMaintenance.*:Pkcs11Hsm.ConcurrentCallersShareASmallPool'
+"$BUILD/tests/unit/keyclient/keyclient_unit_tests" --gtest_filter="$CONCURRENT" || failed=1
 exit $failed

@@ -19,7 +19,7 @@ class FakeKms final : public KeyService {
   std::atomic<int> generates{0};
   std::atomic<int> decrypts{0};
   std::atomic<bool> down{false};
-  std::chrono::milliseconds generate_delay{0};
+  std::atomic<int> generate_delay_ms{0};  // set while refillers run: atomic
   std::atomic<int> in_flight{0};
   std::atomic<int> max_in_flight{0};
 
@@ -39,7 +39,7 @@ class FakeKms final : public KeyService {
     const int now = ++in_flight;
     for (int seen = max_in_flight.load(); now > seen && !max_in_flight.compare_exchange_weak(seen, now);) {
     }
-    if (generate_delay.count() > 0) std::this_thread::sleep_for(generate_delay);
+    if (const int d = generate_delay_ms.load(); d > 0) std::this_thread::sleep_for(std::chrono::milliseconds(d));
     --in_flight;
     ++generates;
     GenerateDataKeyResponse r;
@@ -196,7 +196,7 @@ TEST(DataKeyPrefetcher, EmptyPoolWhileTheKmsIsDown) {
 // (so that the core's audit flushes are shared), never more than asked.
 TEST(DataKeyPrefetcher, RefillsWithSeveralCallsInFlight) {
   FakeKms kms;
-  kms.generate_delay = std::chrono::milliseconds(150);
+  kms.generate_delay_ms = 150;
   DataKeyPrefetcherOptions o;
   o.pool_size = 8;
   o.refillers = 4;
@@ -263,7 +263,7 @@ TEST(DataKeyPrefetcher, PoolGrowsWhileDrainedAndShrinksWhenIdle) {
   EXPECT_EQ(pf.target(), 2u);
   for (int i = 0; i < 500 && pf.available() < 2; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(5));
   ASSERT_EQ(pf.available(), 2u);
-  kms.generate_delay = std::chrono::milliseconds(300);  // refills now lag the takes
+  kms.generate_delay_ms = 300;  // refills now lag the takes
   EXPECT_TRUE(pf.take());
   EXPECT_TRUE(pf.take());
   EXPECT_EQ(pf.target(), 2u);
