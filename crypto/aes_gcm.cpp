@@ -83,6 +83,11 @@ struct ThreadCipher {
     OPENSSL_cleanse(key, key_copy.size());
     key_size = 0;
   }
+  // forget() and the key schedule too (freed, and so cleansed, by OpenSSL).
+  void reset() noexcept {
+    forget();
+    (void)EVP_CIPHER_CTX_reset(ctx.get());
+  }
 
   ThreadCipher() {
     std::lock_guard<std::mutex> lock(registry().mu);
@@ -156,8 +161,7 @@ void AesGcm::forget_thread_key() noexcept {
   ThreadCipher* tc = thread_cipher();
   if (tc == nullptr) return;
   const std::lock_guard<std::mutex> lock(tc->mu);
-  tc->forget();
-  (void)EVP_CIPHER_CTX_reset(tc->ctx.get());
+  tc->reset();
 }
 
 void AesGcm::forget_key_everywhere(std::span<const std::uint8_t> key) noexcept {
@@ -165,9 +169,7 @@ void AesGcm::forget_key_everywhere(std::span<const std::uint8_t> key) noexcept {
   std::lock_guard<std::mutex> reg(registry().mu);
   for (ThreadCipher* tc : registry().all) {
     const std::lock_guard<std::mutex> lock(tc->mu);
-    if (!tc->holds(key)) continue;
-    tc->forget();
-    (void)EVP_CIPHER_CTX_reset(tc->ctx.get());  // frees (and cleanses) the key schedule
+    if (tc->holds(key)) tc->reset();
   }
 }
 

@@ -182,18 +182,14 @@ std::optional<PrefetchedDataKey> DataKeyPrefetcher::take() {
     std::lock_guard<std::mutex> lock(mu_);
     const auto now = Clock::now();
     last_take_ = now;
-    while (!pool_.empty()) {
-      auto it = pool_.begin();
-      if (now - it->made > opts_.max_age) {
-        stale.splice(stale.end(), pool_, it);
-        continue;
-      }
-      out = std::move(it->key);
-      pool_.erase(it);
-      break;
+    drop_stale_locked(now, stale);
+    if (!pool_.empty()) {
+      out = std::move(pool_.front().key);
+      pool_.pop_front();
+    } else if (opts_.pool_size > 0) {
+      // Files are made faster than the pool refills: keep more ready.
+      target_ = std::min(target_ * 2, opts_.max_pool_size);
     }
-    // Files are made faster than the pool refills: keep more ready.
-    if (!out && opts_.pool_size > 0) target_ = std::min(target_ * 2, opts_.max_pool_size);
   }
   cv_.notify_all();
   return out;
@@ -214,12 +210,13 @@ std::uint64_t DataKeyPrefetcher::generated() const {
   return generated_;
 }
 
+void DataKeyPrefetcher::drop_stale_locked(Clock::time_point now, std::list<Pooled>& out) {
+  // Oldest first (keys are appended as made): the stale ones lead.
+  while (!pool_.empty() && now - pool_.front().made > opts_.max_age) out.splice(out.end(), pool_, pool_.begin());
+}
+
 bool DataKeyPrefetcher::want_refill_locked(Clock::time_point now, std::list<Pooled>& out) {
-  for (auto it = pool_.begin(); it != pool_.end();) {
-    auto next = std::next(it);
-    if (now - it->made > opts_.max_age) out.splice(out.end(), pool_, it);
-    it = next;
-  }
+  drop_stale_locked(now, out);
   if (now - last_take_ > opts_.max_age) {
     target_ = opts_.pool_size;  // idle: back to the base size, and no refill
     return false;

@@ -166,7 +166,9 @@ class DataKeyPrefetcher {
     Clock::time_point made;
   };
   void run();
-  // Moves aged-out keys to `out`; true when a refiller should make a key.
+  // Moves aged-out keys to `out` (to be cleansed outside the lock).
+  void drop_stale_locked(Clock::time_point now, std::list<Pooled>& out);
+  // drop_stale_locked(), then true when a refiller should make a key.
   bool want_refill_locked(Clock::time_point now, std::list<Pooled>& out);
 
   KeyService& kms_;

@@ -341,7 +341,7 @@ KmsResult<void> KeyStore::write_aliases(const std::vector<AliasRecord>& aliases)
     arr.push_back({{"AliasName", a.alias_name},
                    {"TargetKeyId", a.target_key_id},
                    {"CreationDate", a.creation_date},
-                   {"LastUpdatedDate", a.last_updated_date != 0 ? a.last_updated_date : a.creation_date}});
+                   {"LastUpdatedDate", a.last_updated_date}});
   }
   json j{{"FormatVersion", kFormatVersion}, {"Aliases", arr}};
   auto w = atomic_write_file(aliases_path(), j.dump(2) + "\n");

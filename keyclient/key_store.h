@@ -103,7 +103,7 @@ struct AliasRecord {
   std::string alias_name;  // "alias/..."
   std::string target_key_id;
   double creation_date = 0;
-  double last_updated_date = 0;  // UpdateAlias moves it; 0 = creation_date (older stores)
+  double last_updated_date = 0;  // UpdateAlias moves it; older stores load it as CreationDate
 };
 
 class KeyStore {

@@ -1143,7 +1143,7 @@ KmsResult<ListAliasesResponse> KmsCore::list_aliases(const CallerIdentity& calle
         break;
       }
       out.aliases.push_back(AliasListEntry{a.alias_name, kArnPrefix + a.alias_name, a.target_key_id, a.creation_date,
-                                           a.last_updated_date != 0 ? a.last_updated_date : a.creation_date});
+                                           a.last_updated_date});
     }
     return out;
   });

@@ -13,25 +13,25 @@ using nlohmann::json;
 
 namespace {
 
+// A field's value as T; integers only when they fit (no float-to-int
+// conversion of untrusted input: crypto/json_int.h).
+template <class T>
+T value_as(const json& v) {
+  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
+    return crypto::json_int<T>(v);
+  } else {
+    return v.get<T>();
+  }
+}
 template <class T>
 void get_opt(const json& j, const char* name, T& out) {
   auto it = j.find(name);
-  if (it == j.end() || it->is_null()) return;
-  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
-    out = crypto::json_int<T>(*it);
-  } else {
-    it->get_to(out);
-  }
+  if (it != j.end() && !it->is_null()) out = value_as<T>(*it);
 }
 template <class T>
 void get_opt(const json& j, const char* name, std::optional<T>& out) {
   auto it = j.find(name);
-  if (it == j.end() || it->is_null()) return;
-  if constexpr (std::is_integral_v<T> && !std::is_same_v<T, bool>) {
-    out = crypto::json_int<T>(*it);  // no float-to-int conversion of untrusted input
-  } else {
-    out = it->get<T>();
-  }
+  if (it != j.end() && !it->is_null()) out = value_as<T>(*it);
 }
 template <class T>
 void put_opt(json& j, const char* name, const std::optional<T>& v) {
