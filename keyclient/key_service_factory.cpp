@@ -5,9 +5,15 @@
 
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
+#include <optional>
+#include <system_error>
+#include <thread>
 
+#include "keyclient/bounded_hsm.h"
 #include "keyclient/kms_core.h"
 #include "keyclient/kmsd_client.h"
 #include "keyclient/kms_home.h"
@@ -50,8 +56,54 @@ KmsOptions resolve_kms_options(KmsOptions opts) {
       opts.audit_sync_plaintext = std::strcmp(e, "0") == 0 ? 0 : -2;  // -2: reported by make_kms_core
     }
   }
+  if (opts.hsm_timeout_ms < 0) {
+    opts.hsm_timeout_ms = 30000;
+    const char* e = std::getenv("KMSFS_HSM_TIMEOUT_MS");
+    if (e != nullptr && *e != '\0') {
+      char* end = nullptr;
+      errno = 0;
+      const long long v = std::strtoll(e, &end, 10);
+      opts.hsm_timeout_ms = (errno != 0 || *end != '\0' || v < 0 || v > 3600000) ? -2 : v;  // -2: reported below
+    }
+  }
   return opts;
 }
+
+namespace {
+
+// Pkcs11Hsm::open (module load, C_Initialize, session, login) within the
+// HSM deadline: a token that hangs at start-up fails the start with a clear
+// error instead of hanging the process. The opener thread is abandoned then
+// (it owns its copy of the configuration).
+HsmResult<std::unique_ptr<Pkcs11Hsm>> open_hsm_bounded(Pkcs11Config cfg, long long timeout_ms) {
+  if (timeout_ms <= 0) return Pkcs11Hsm::open(std::move(cfg));
+  struct Opening {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::optional<HsmResult<std::unique_ptr<Pkcs11Hsm>>> result;
+  };
+  auto state = std::make_shared<Opening>();
+  try {
+    std::thread([state, c = std::move(cfg)]() mutable {
+      auto r = Pkcs11Hsm::open(std::move(c));
+      std::lock_guard<std::mutex> lock(state->mu);
+      state->result.emplace(std::move(r));
+      state->cv.notify_all();
+    }).detach();
+  } catch (const std::system_error& e) {
+    return Unexpected<HsmError>(
+        HsmError{HsmError::Kind::DeviceError, 0, std::string("cannot start a thread to open the HSM: ") + e.what()});
+  }
+  std::unique_lock<std::mutex> lock(state->mu);
+  if (!state->cv.wait_for(lock, std::chrono::milliseconds(timeout_ms), [&] { return state->result.has_value(); })) {
+    return Unexpected<HsmError>(HsmError{HsmError::Kind::DeviceError, 0,
+                                         "the HSM did not answer within " + std::to_string(timeout_ms) +
+                                             " ms while opening it (KMSFS_HSM_TIMEOUT_MS)"});
+  }
+  return std::move(*state->result);
+}
+
+}  // namespace
 
 KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts) {
   const KmsOptions o = resolve_kms_options(opts);
@@ -63,6 +115,10 @@ KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts) {
   if (o.audit_sync_plaintext < -1) {
     return kms_error(KmsErrorCode::ValidationException, "KMSFS_AUDIT_SYNC_PLAINTEXT must be 0 or 1");
   }
+  if (o.hsm_timeout_ms < 0) {
+    return kms_error(KmsErrorCode::ValidationException,
+                     "KMSFS_HSM_TIMEOUT_MS must be a number of milliseconds from 0 (no deadline) to 3600000");
+  }
   const KmsHomePaths paths = kms_home_paths(o.home);
   if (auto d = ensure_kms_home_dir(paths); !d) return Unexpected<KmsError>(d.error());
 
@@ -73,7 +129,7 @@ KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts) {
   // initialised by us.
   const bool own_token = default_module && default_pin;
 
-  std::unique_ptr<Pkcs11Hsm> hsm;
+  std::unique_ptr<Hsm> hsm;
   {
     // First-use initialisation (conf, PINs, C_InitToken) by one process at a time.
     auto lock = FileLock::acquire(paths.lock);
@@ -115,7 +171,7 @@ KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts) {
       cfg.init_token_if_missing = records == 0;
     }
     if (our_tokendir) cfg.sync_dir = paths.tokens;
-    auto opened = Pkcs11Hsm::open(std::move(cfg));
+    auto opened = open_hsm_bounded(std::move(cfg), o.hsm_timeout_ms);
     if (!opened) {
       std::string msg = "cannot open the HSM token '" + o.token_label + "': " + opened.error().message;
       if (own_token && records != 0) {
@@ -126,7 +182,11 @@ KmsResult<std::unique_ptr<KmsCore>> make_kms_core(const KmsOptions& opts) {
       log->error("{}", msg);
       return kms_error(KmsErrorCode::KeyUnavailableException, std::move(msg));
     }
-    hsm = std::move(*opened);
+    if (o.hsm_timeout_ms > 0) {
+      hsm = std::make_unique<BoundedHsm>(std::move(*opened), std::chrono::milliseconds(o.hsm_timeout_ms));
+    } else {
+      hsm = std::move(*opened);
+    }
     if (our_tokendir) {
       if (auto b = backup_softhsm_token_objects(paths, o.token_label); !b) return Unexpected<KmsError>(b.error());
     }

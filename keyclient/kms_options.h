@@ -32,6 +32,12 @@ struct KmsOptions {
   // KmsCoreOptions::audit_sync_plaintext: 1 (default) or 0; -1 =
   // $KMSFS_AUDIT_SYNC_PLAINTEXT, else 1.
   int audit_sync_plaintext = -1;
+  // Deadline of one HSM call in milliseconds (BoundedHsm): a call the
+  // module does not answer in time fails with a clear error instead of
+  // blocking its caller for as long as the HSM hangs. -1 =
+  // $KMSFS_HSM_TIMEOUT_MS, else 30000; 0 = no deadline (calls run on the
+  // caller's thread).
+  long long hsm_timeout_ms = -1;
   // Directory of the audit trail; empty = the state dir. Created 0700;
   // one open to group or others is refused.
   std::string audit_dir;

@@ -30,6 +30,7 @@ const char* const kEnvironmentHelp = R"(Environment:
                    key records (default /var/lib/kmsfs for root,
                    ~/.local/share/kmsfs otherwise)
   KMSFS_LOG_LEVEL  trace|debug|info|warn|error|off (default warn)
+  KMSFS_HSM_TIMEOUT_MS  deadline of one HSM call in ms (default 30000; 0 = none)
   SOFTHSM2_CONF    when set, SoftHSM2 uses it instead of KMSFS_HOME/softhsm2.conf
 )";
 

@@ -78,6 +78,7 @@ Environment:
                ~/.local/share/kmsfs otherwise)
   KMSFS_KMS    default for --kms
   KMSFS_LOG_LEVEL  trace|debug|info|warn|error
+  KMSFS_HSM_TIMEOUT_MS  deadline of one HSM call (default 30000; 0 = none)
 
 Exit codes:
   0  success

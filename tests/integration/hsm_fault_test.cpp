@@ -15,9 +15,11 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
@@ -32,6 +34,33 @@ std::string slurp(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
 }
+
+// Clears the fault file after `limit` unless disarmed first: a missing
+// timeout then fails the test's time check instead of hanging the test.
+class FaultWatchdog {
+ public:
+  FaultWatchdog(std::string fault_file, std::chrono::seconds limit)
+      : t_([this, f = std::move(fault_file), limit] {
+          std::unique_lock<std::mutex> lock(mu_);
+          if (!cv_.wait_for(lock, limit, [&] { return done_; })) std::ofstream(f, std::ios::trunc) << "\n";
+        }) {}
+  ~FaultWatchdog() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      done_ = true;
+    }
+    cv_.notify_all();
+    t_.join();
+  }
+  FaultWatchdog(const FaultWatchdog&) = delete;
+  FaultWatchdog& operator=(const FaultWatchdog&) = delete;
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+  std::thread t_;
+};
 
 class HsmFault : public ::testing::Test {
  protected:
@@ -102,6 +131,40 @@ TEST_F(HsmFault, EachFaultIsAClearErrorAndClears) {
   }
 }
 
+TEST_F(HsmFault, HangingHsmTimesOutWithAClearErrorAndRecovers) {
+  ::setenv("KMSFS_HSM_TIMEOUT_MS", "1000", 1);
+  // The wrap hangs while the process serves: the call fails after the
+  // deadline, naming it, instead of waiting for the HSM forever.
+  set_fault("hang C_Encrypt");
+  auto t0 = std::chrono::steady_clock::now();
+  auto r = [&] {
+    FaultWatchdog dog(fault_file_, std::chrono::seconds(30));
+    return gdk();
+  }();
+  auto took = std::chrono::steady_clock::now() - t0;
+  EXPECT_TRUE(r.exit_code == 3 || r.exit_code == 4) << "exit " << r.exit_code << "\n" << r.err;
+  EXPECT_NE(r.err.find("did not answer"), std::string::npos) << r.err;
+  EXPECT_NE(r.err.find("1000 ms"), std::string::npos) << r.err;
+  EXPECT_GE(took, std::chrono::milliseconds(1000));
+  EXPECT_LT(took, std::chrono::seconds(30));
+  expect_no_secrets(r.out + r.err, "the timeout error");
+  // At start-up: opening a session hangs.
+  set_fault("hang C_OpenSession");
+  t0 = std::chrono::steady_clock::now();
+  r = [&] {
+    FaultWatchdog dog(fault_file_, std::chrono::seconds(30));
+    return gdk();
+  }();
+  took = std::chrono::steady_clock::now() - t0;
+  EXPECT_EQ(r.exit_code, 4) << r.err;
+  EXPECT_NE(r.err.find("while opening"), std::string::npos) << r.err;
+  EXPECT_LT(took, std::chrono::seconds(30));
+  set_fault("");
+  r = gdk();
+  EXPECT_EQ(r.exit_code, 0) << "after the hang cleared: " << r.err;
+  ::unsetenv("KMSFS_HSM_TIMEOUT_MS");
+}
+
 TEST_F(HsmFault, LostSessionIsReopened) {
   // One call fails as if the session had gone: the core reopens a session
   // and the request succeeds.
@@ -124,9 +187,11 @@ TEST_F(HsmFault, MountSurvivesFaultsAndRecovers) {
   auto init = run_command({bin("kmsfs"), "init", cipher, "--key", "alias/fault"});
   ASSERT_EQ(init.exit_code, 0) << init.err;
   ::setenv("KMSFS_LOG_LEVEL", "debug", 1);
+  ::setenv("KMSFS_HSM_TIMEOUT_MS", "2000", 1);
   ForegroundMount m(cipher, mnt, {"--pkcs11-module", KMSFS_FAULT_MODULE, "-o", "key_cache=off"}, log);
   ASSERT_NO_THROW(m.start());
   ::unsetenv("KMSFS_LOG_LEVEL");
+  ::unsetenv("KMSFS_HSM_TIMEOUT_MS");
 
   auto data = random_bytes(50000, 1);
   write_file(mnt + "/before", data);
@@ -169,29 +234,39 @@ TEST_F(HsmFault, MountSurvivesFaultsAndRecovers) {
   EXPECT_EQ(try_create("slow"), 0);
   EXPECT_GE(std::chrono::steady_clock::now() - t0, std::chrono::milliseconds(300));
 
-  // A hanging HSM: the create waits; the open file keeps serving meanwhile;
-  // the create completes once the HSM answers again.
+  // A hanging HSM: the create fails after the HSM deadline (2 s here) with
+  // EIO instead of waiting for the HSM; the open file keeps serving
+  // meanwhile; once the HSM answers again, creates work.
   set_fault("hang");
   std::atomic<int> hung_result{-1};
+  auto h0 = std::chrono::steady_clock::now();
+  FaultWatchdog dog(fault_file_, std::chrono::seconds(30));
   std::thread creator([&] { hung_result = try_create("hung"); });
   std::this_thread::sleep_for(std::chrono::milliseconds(300));
-  EXPECT_EQ(hung_result.load(), -1) << "the create should wait for the hanging HSM";
+  EXPECT_EQ(hung_result.load(), -1) << "the create should wait for the HSM up to its deadline";
   {
     std::vector<std::uint8_t> back(data.size());
     auto r0 = std::chrono::steady_clock::now();
     EXPECT_EQ(::pread(open_fd, back.data(), back.size(), 0), static_cast<ssize_t>(back.size()));
     EXPECT_LT(std::chrono::steady_clock::now() - r0, std::chrono::seconds(2));
   }
-  set_fault("");
   creator.join();
-  EXPECT_EQ(hung_result.load(), 0);
+  EXPECT_EQ(hung_result.load(), EIO) << std::strerror(hung_result.load());
+  EXPECT_LT(std::chrono::steady_clock::now() - h0, std::chrono::seconds(30)) << "the hang was not cut short";
+  {
+    struct stat st {};
+    EXPECT_NE(::lstat((mnt + "/hung").c_str(), &st), 0) << "the timed-out create left a file";
+  }
+  EXPECT_TRUE(m.running());
+  set_fault("");
+  EXPECT_EQ(try_create("after-hang"), 0);
   ::close(open_fd);
 
   // Everything written reads back after a remount without faults.
   EXPECT_EQ(m.stop(), 0);
   ASSERT_NO_THROW(m.start());
   EXPECT_EQ(read_file(mnt + "/before"), data);
-  for (const char* name : {"after-CKR_DEVICE_ERROR", "reopened", "slow", "hung"}) {
+  for (const char* name : {"after-CKR_DEVICE_ERROR", "reopened", "slow", "after-hang"}) {
     auto b = read_file(mnt + "/" + name);
     EXPECT_EQ(std::string(b.begin(), b.end()), "hello") << name;
   }
@@ -199,6 +274,7 @@ TEST_F(HsmFault, MountSurvivesFaultsAndRecovers) {
   // The server's log (debug level) names the failures but holds no PIN.
   const std::string text = slurp(log);
   EXPECT_EQ(text.find(pin_), std::string::npos) << "the kmsfs log contains the PIN";
+  EXPECT_NE(text.find("did not return within 2000 ms"), std::string::npos) << "the log does not name the timeout";
 }
 
 }  // namespace

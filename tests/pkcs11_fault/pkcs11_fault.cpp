@@ -12,8 +12,8 @@
 //                           FUNCS: only these calls, comma-separated
 //                           (e.g. C_Encrypt,C_Decrypt)
 //     delay MS              sleep MS milliseconds, then forward
-//     hang                  block until the file no longer says "hang", then
-//                           forward
+//     hang [FUNCS]          block until the file no longer says "hang", then
+//                           forward; FUNCS: only these calls
 //   KMSFS_FAULT_SPEC="..."  the same command, fixed for the process lifetime
 //
 // Faults apply to the operational calls (sessions, login, objects, crypto,
@@ -49,6 +49,9 @@ struct Command {
   long count = -1;  // -1 = unlimited
   long delay_ms = 0;
   std::string funcs;  // empty = every wrapped call
+  bool applies_to(const char* func) const {
+    return funcs.empty() || ("," + funcs + ",").find("," + std::string(func) + ",") != std::string::npos;
+  }
 };
 
 CK_RV rv_from_name(const std::string& s) {
@@ -87,6 +90,7 @@ Command parse(const std::string& line) {
     in >> c.delay_ms;
   } else if (word == "hang") {
     c.kind = Command::Hang;
+    in >> c.funcs;
   }
   return c;
 }
@@ -136,14 +140,13 @@ CK_RV fault(const char* func) {
       std::this_thread::sleep_for(std::chrono::milliseconds(c.delay_ms));
       return CKR_OK;
     case Command::Hang:
+      if (!c.applies_to(func)) return CKR_OK;
       while (file != nullptr && first_line(file).rfind("hang", 0) == 0) {
         std::this_thread::sleep_for(std::chrono::milliseconds(20));
       }
       return CKR_OK;
     case Command::Error:
-      if (!c.funcs.empty() && ("," + c.funcs + ",").find("," + std::string(func) + ",") == std::string::npos) {
-        return CKR_OK;
-      }
+      if (!c.applies_to(func)) return CKR_OK;
       if (c.count >= 0 && (file == nullptr || !take_one(file, c.count))) return CKR_OK;
       return c.rv;
   }

@@ -123,6 +123,25 @@ TEST(KeyServiceFactory, MissingModuleIsAStartupFailureNamingIt) {
   EXPECT_NE(svc.error().message.find("/nonexistent/pkcs11.so"), std::string::npos);
 }
 
+TEST(KeyServiceFactory, HsmTimeoutComesFromTheEnvironmentAndBadValuesAreRefused) {
+  KmsOptions o;
+  EXPECT_EQ(resolve_kms_options(o).hsm_timeout_ms, 30000);
+  ::setenv("KMSFS_HSM_TIMEOUT_MS", "0", 1);
+  EXPECT_EQ(resolve_kms_options(o).hsm_timeout_ms, 0);
+  ::setenv("KMSFS_HSM_TIMEOUT_MS", "2500", 1);
+  EXPECT_EQ(resolve_kms_options(o).hsm_timeout_ms, 2500);
+  o.hsm_timeout_ms = 7;  // an explicit value wins over the environment
+  EXPECT_EQ(resolve_kms_options(o).hsm_timeout_ms, 7);
+  for (const char* bad : {"soon", "-5", "99999999999"}) {
+    ::setenv("KMSFS_HSM_TIMEOUT_MS", bad, 1);
+    auto svc = make_key_service(options_for(test::make_temp_dir("home")));
+    ASSERT_FALSE(svc) << bad;
+    EXPECT_EQ(svc.error().code, KmsErrorCode::ValidationException) << bad;
+    EXPECT_NE(svc.error().message.find("KMSFS_HSM_TIMEOUT_MS must be"), std::string::npos) << svc.error().message;
+  }
+  ::unsetenv("KMSFS_HSM_TIMEOUT_MS");
+}
+
 TEST(KeyServiceFactory, ResolveFillsDefaults) {
   ::setenv("KMSFS_HOME", "/tmp/some-home/", 1);
   ::setenv("KMSFS_KMS", "unix:/x", 1);
