@@ -109,36 +109,44 @@ Result<FileOutcome, std::string> rewrap_file(keyclient::KeyService& kms, const s
     if (errno == ENOENT) return FileOutcome::Skipped;  // removed through a live mount
     return unexpected("cannot open: " + errno_str(errno));
   }
-  std::array<std::uint8_t, crypto::FileHeader::kSize> old_bytes{};
-  ssize_t n = ::pread(fd.get(), old_bytes.data(), old_bytes.size(), 0);
-  if (n < 0) return unexpected("cannot read the header: " + errno_str(errno));
-  if (n == 0) return FileOutcome::Skipped;  // an empty file has no header yet
-  if (static_cast<std::size_t>(n) != old_bytes.size()) return unexpected("the header is truncated");
-  auto header = crypto::FileHeader::decode(old_bytes);
-  if (!header) return unexpected("corrupt header: " + header.error());
-  if (under_target(header->wrapped_key, target)) return FileOutcome::Current;
-  const keyclient::EncryptionContext ctx{{"kmsfs:fs", fs_id}, {"kmsfs:file", crypto::file_id_hex(header->file_id)}};
-  auto fresh = re_encrypt(kms, header->wrapped_key, ctx, target.arn);
-  if (!fresh) return unexpected("ReEncrypt failed: " + fresh.error());
-  if (fresh->empty() || fresh->size() > crypto::FileHeader::kMaxWrappedKeySize) {
-    return unexpected("the re-encrypted data key does not fit the header");
-  }
-  crypto::FileHeader next = *header;
-  next.wrapped_key = std::move(*fresh);
-  const auto new_bytes = next.encode();
-  // A live mount may have replaced the file's header meanwhile (truncate to
-  // zero, then a new DEK): never overwrite a header other than the one read.
-  // The mount writes a new header only under the same lock (fs/header_lock.h).
-  const HeaderLock header_lock(fd.get());
-  std::array<std::uint8_t, crypto::FileHeader::kSize> again{};
-  if (::pread(fd.get(), again.data(), again.size(), 0) != static_cast<ssize_t>(again.size()) || again != old_bytes) {
-    return unexpected("the header changed while it was being rewrapped (file in use); run rewrap again");
-  }
-  // One aligned 128-byte write inside the first sector and page: readers
-  // see the old or the new header, and a crash leaves one of them.
-  ssize_t w = ::pwrite(fd.get(), new_bytes.data(), new_bytes.size(), 0);
-  if (w != static_cast<ssize_t>(new_bytes.size())) {
-    return unexpected("cannot write the new header: " + (w < 0 ? errno_str(errno) : std::string("short write")));
+  // A live mount may replace the file's header meanwhile (truncate to zero,
+  // then a new DEK, under the current key): then the file is looked at
+  // again, a few times, before it is reported.
+  constexpr int kAttempts = 5;
+  for (int attempt = 1;; ++attempt) {
+    std::array<std::uint8_t, crypto::FileHeader::kSize> old_bytes{};
+    ssize_t n = ::pread(fd.get(), old_bytes.data(), old_bytes.size(), 0);
+    if (n < 0) return unexpected("cannot read the header: " + errno_str(errno));
+    if (n == 0) return FileOutcome::Skipped;  // an empty file has no header yet
+    if (static_cast<std::size_t>(n) != old_bytes.size()) return unexpected("the header is truncated");
+    auto header = crypto::FileHeader::decode(old_bytes);
+    if (!header) return unexpected("corrupt header: " + header.error());
+    if (under_target(header->wrapped_key, target)) return FileOutcome::Current;
+    const keyclient::EncryptionContext ctx{{"kmsfs:fs", fs_id}, {"kmsfs:file", crypto::file_id_hex(header->file_id)}};
+    auto fresh = re_encrypt(kms, header->wrapped_key, ctx, target.arn);
+    if (!fresh) return unexpected("ReEncrypt failed: " + fresh.error());
+    if (fresh->empty() || fresh->size() > crypto::FileHeader::kMaxWrappedKeySize) {
+      return unexpected("the re-encrypted data key does not fit the header");
+    }
+    crypto::FileHeader next = *header;
+    next.wrapped_key = std::move(*fresh);
+    const auto new_bytes = next.encode();
+    // Never overwrite a header other than the one read: the mount writes a
+    // new header only under the same lock (fs/header_lock.h).
+    const HeaderLock header_lock(fd.get());
+    std::array<std::uint8_t, crypto::FileHeader::kSize> again{};
+    if (::pread(fd.get(), again.data(), again.size(), 0) != static_cast<ssize_t>(again.size()) || again != old_bytes) {
+      if (attempt < kAttempts) continue;
+      return unexpected("the header changed " + std::to_string(kAttempts) +
+                        " times while it was being rewrapped (file in use); run rewrap again");
+    }
+    // One aligned 128-byte write inside the first sector and page: readers
+    // see the old or the new header, and a crash leaves one of them.
+    ssize_t w = ::pwrite(fd.get(), new_bytes.data(), new_bytes.size(), 0);
+    if (w != static_cast<ssize_t>(new_bytes.size())) {
+      return unexpected("cannot write the new header: " + (w < 0 ? errno_str(errno) : std::string("short write")));
+    }
+    break;
   }
   return FileOutcome::Rewrapped;
 }

@@ -9,6 +9,7 @@
 #include <system_error>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "keyclient/logger.h"
 
@@ -49,13 +50,18 @@ struct BoundedHsm::Pool {
   std::condition_variable work_cv;  // workers: a job or stop
   std::condition_variable exit_cv;  // destructor: workers leaving, calls finishing
   std::deque<std::unique_ptr<Job>> queue;
+  // Every worker thread, with whether it has left its loop. Threads are
+  // joined (a detached thread still running its exit handlers, OpenSSL's
+  // among them, while the process exits can crash it); only a thread
+  // stuck in the module is ever detached, at destruction.
+  std::vector<std::pair<std::thread, std::shared_ptr<bool>>> threads;
   std::size_t workers = 0;  // threads alive
   std::size_t idle = 0;     // of those, waiting for a job
   std::size_t busy = 0;     // of those, running a job
   std::size_t abandoned = 0;  // of the busy, whose caller gave up
   bool stopping = false;
 
-  static void worker(std::shared_ptr<Pool> self) {
+  static void worker(std::shared_ptr<Pool> self, std::shared_ptr<bool> exited) {
     Pool& p = *self;
     std::unique_lock<std::mutex> lock(p.mu);
     for (;;) {
@@ -74,8 +80,25 @@ struct BoundedHsm::Pool {
       p.exit_cv.notify_all();
     }
     --p.workers;
+    *exited = true;
     p.exit_cv.notify_all();
     // `lock` unlocks before `self` is released (locals before parameters).
+  }
+  // Joins the threads that left their loop (the caller holds no lock).
+  void join_exited() {
+    std::vector<std::thread> done;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      for (auto it = threads.begin(); it != threads.end();) {
+        if (*it->second) {
+          done.push_back(std::move(it->first));
+          it = threads.erase(it);
+        } else {
+          ++it;
+        }
+      }
+    }
+    for (auto& t : done) t.join();
   }
 };
 
@@ -128,7 +151,8 @@ HsmResult<T> run_bounded(const std::shared_ptr<BoundedHsm::Pool>& pool, std::str
   p.queue.push_back(std::make_unique<TypedJob<T, Fn>>(slot, std::move(fn), what));
   if (p.idle < p.queue.size() && p.workers < p.max_workers) {
     try {
-      std::thread(&BoundedHsm::Pool::worker, pool).detach();
+      auto exited = std::make_shared<bool>(false);
+      p.threads.emplace_back(std::thread(&BoundedHsm::Pool::worker, pool, exited), exited);
       ++p.workers;
     } catch (const std::system_error& e) {
       if (p.workers == 0) {
@@ -169,15 +193,20 @@ BoundedHsm::~BoundedHsm() {
   p.stopping = true;
   p.work_cv.notify_all();
   (void)p.exit_cv.wait_for(lock, p.timeout, [&] { return p.workers == p.busy; });
-  if (p.busy == 0 && p.workers == 0) {
+  const std::size_t hung = p.busy;
+  lock.unlock();
+  p.join_exited();
+  if (hung == 0) {
     // Nobody can touch the module any more: close it here, in order.
     std::unique_ptr<Hsm> inner = std::move(p.inner);
-    lock.unlock();
     inner.reset();
     return;
   }
   // A hung call keeps the module (and the pool) alive until it returns.
-  log()->warn("{} HSM calls are still hung at shutdown; the module is left open", p.busy);
+  log()->warn("{} HSM calls are still hung at shutdown; the module is left open", hung);
+  lock.lock();
+  for (auto& t : p.threads) t.first.detach();
+  p.threads.clear();
 }
 
 std::size_t BoundedHsm::abandoned_calls() const {

@@ -83,24 +83,29 @@ HsmResult<std::unique_ptr<Pkcs11Hsm>> open_hsm_bounded(Pkcs11Config cfg, long lo
     std::optional<HsmResult<std::unique_ptr<Pkcs11Hsm>>> result;
   };
   auto state = std::make_shared<Opening>();
+  std::thread opener;
   try {
-    std::thread([state, c = std::move(cfg)]() mutable {
+    opener = std::thread([state, c = std::move(cfg)]() mutable {
       auto r = Pkcs11Hsm::open(std::move(c));
       std::lock_guard<std::mutex> lock(state->mu);
       state->result.emplace(std::move(r));
       state->cv.notify_all();
-    }).detach();
+    });
   } catch (const std::system_error& e) {
     return Unexpected<HsmError>(
         HsmError{HsmError::Kind::DeviceError, 0, std::string("cannot start a thread to open the HSM: ") + e.what()});
   }
   std::unique_lock<std::mutex> lock(state->mu);
   if (!state->cv.wait_for(lock, std::chrono::milliseconds(timeout_ms), [&] { return state->result.has_value(); })) {
+    opener.detach();  // stuck in the module: the process goes on (or exits) without it
     return Unexpected<HsmError>(HsmError{HsmError::Kind::DeviceError, 0,
                                          "the HSM did not answer within " + std::to_string(timeout_ms) +
                                              " ms while opening it (KMSFS_HSM_TIMEOUT_MS)"});
   }
-  return std::move(*state->result);
+  auto result = std::move(*state->result);
+  lock.unlock();
+  opener.join();  // it only has to leave now; joined, its exit handlers never race the process's exit
+  return result;
 }
 
 }  // namespace

@@ -6,6 +6,8 @@
 
 #include <fcntl.h>
 #include <signal.h>
+#include <grp.h>
+#include <sys/ptrace.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -110,6 +112,110 @@ TEST_F(Hardening, TraceLogsHoldNoDataKeyAndNoPin) {
   for (const auto& f : forms(dek)) EXPECT_EQ(log.find(f), std::string::npos) << "the kmsfs log holds the DEK";
   EXPECT_EQ(log.find(pin_), std::string::npos) << "the kmsfs log holds the PIN";
   EXPECT_EQ(r.err.find(pin_), std::string::npos) << "the kmsctl log holds the PIN";
+}
+
+// What a process of uid 65534 could do to another process of its own uid:
+// ptrace-attach it and open its memory. Filled by probe_same_uid().
+struct SameUidProbe {
+  bool ready = false;          // the target came up (its `ready_path` appeared)
+  int target_attach = -1;      // errno of PTRACE_ATTACH to the target (0 = attached)
+  int target_mem = -1;         // errno of opening /proc/TARGET/mem (0 = opened)
+  int control_attach = -1;     // errno of PTRACE_ATTACH to a plain process of that uid
+};
+
+// Runs `argv` as uid/gid 65534 and, from the same uid (the target's parent,
+// so that even Yama's ptrace_scope=1 would allow it), tries to attach to it
+// and to read its memory; a plain `sleep` of that uid is the control that
+// shows such an attack works on a process that does not protect itself.
+SameUidProbe probe_same_uid(const std::vector<std::string>& argv, const std::string& ready_path) {
+  int fds[2];
+  if (::pipe(fds) != 0) return {};
+  const pid_t prober = ::fork();
+  if (prober == 0) {
+    ::close(fds[0]);
+    int out[4] = {0, -1, -1, -1};
+    if (::setgroups(0, nullptr) != 0 || ::setresgid(65534, 65534, 65534) != 0 ||
+        ::setresuid(65534, 65534, 65534) != 0) {
+      ::_exit(120);
+    }
+    const pid_t target = ::fork();
+    if (target == 0) {
+      std::vector<char*> args;
+      for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      args.push_back(nullptr);
+      ::execv(args[0], args.data());
+      ::_exit(127);
+    }
+    // exec makes the control dumpable again (the uid change above made
+    // this process non-dumpable).
+    const pid_t control = ::fork();
+    if (control == 0) {
+      ::execl("/bin/sleep", "sleep", "60", static_cast<char*>(nullptr));
+      ::_exit(127);
+    }
+    struct stat st {};
+    for (int i = 0; i < 600 && ::stat(ready_path.c_str(), &st) != 0; ++i) ::usleep(100000);
+    out[0] = ::stat(ready_path.c_str(), &st) == 0 ? 1 : 0;
+    auto attach = [](pid_t pid) {
+      if (::ptrace(PTRACE_ATTACH, pid, nullptr, nullptr) != 0) return errno;
+      int status = 0;
+      ::waitpid(pid, &status, __WALL);
+      ::ptrace(PTRACE_DETACH, pid, nullptr, nullptr);
+      return 0;
+    };
+    if (out[0] == 1) {
+      out[1] = attach(target);
+      const int mem = ::open(("/proc/" + std::to_string(target) + "/mem").c_str(), O_RDONLY);
+      out[2] = mem >= 0 ? 0 : errno;
+      if (mem >= 0) ::close(mem);
+    }
+    out[3] = attach(control);
+    ::kill(target, SIGTERM);
+    ::kill(control, SIGKILL);
+    ::waitpid(target, nullptr, 0);
+    ::waitpid(control, nullptr, 0);
+    if (::write(fds[1], out, sizeof out) != static_cast<ssize_t>(sizeof out)) ::_exit(121);
+    ::_exit(0);
+  }
+  ::close(fds[1]);
+  int in[4] = {0, -1, -1, -1};
+  const bool got = prober > 0 && ::read(fds[0], in, sizeof in) == static_cast<ssize_t>(sizeof in);
+  ::close(fds[0]);
+  if (prober > 0) ::waitpid(prober, nullptr, 0);
+  SameUidProbe p;
+  if (!got) return p;
+  p.ready = in[0] == 1;
+  p.target_attach = in[1];
+  p.target_mem = in[2];
+  p.control_attach = in[3];
+  return p;
+}
+
+// kmsd run by an unprivileged user: another process of that same user (not
+// only of another user, whom the kernel refuses anyway) can neither
+// ptrace it nor read its memory, because kmsd made itself non-dumpable.
+// (kmsfs calls the same cli::refuse_core_dumps(); a FUSE mount by uid
+// 65534 needs /dev/fuse access that these machines do not give it.)
+TEST_F(Hardening, KmsdIsNotPtraceableEvenByItsOwnUser) {
+  if (auto why = cannot_run_as_nobody({bin("kmsd"), "--help"}); !why.empty()) GTEST_SKIP() << why;
+  const std::string dir = make_temp_dir("kmsfs-ptrace");
+  ASSERT_EQ(::chown(dir.c_str(), 65534, 65534), 0);
+  ASSERT_EQ(::chmod(dir.c_str(), 0700), 0);
+  const std::string sock = dir + "/kmsd.sock";
+  // kmsd makes its own SoftHSM2 configuration in its state dir.
+  const char* conf = std::getenv("SOFTHSM2_CONF");
+  const std::string saved_conf = conf != nullptr ? conf : "";
+  ::unsetenv("SOFTHSM2_CONF");
+  auto p = probe_same_uid({bin("kmsd"), "--state-dir", dir + "/state", "--socket", sock}, sock);
+  if (!saved_conf.empty()) ::setenv("SOFTHSM2_CONF", saved_conf.c_str(), 1);
+  remove_tree(dir);
+  ASSERT_TRUE(p.ready) << "kmsd did not come up as uid 65534";
+  if (p.control_attach != 0) {
+    GTEST_SKIP() << "ptrace between processes of one uid is restricted here (" << std::strerror(p.control_attach)
+                 << "): nothing to show";
+  }
+  EXPECT_EQ(p.target_attach, EPERM) << "another process of kmsd's uid attached to it with ptrace";
+  EXPECT_NE(p.target_mem, 0) << "another process of kmsd's uid opened its /proc/PID/mem";
 }
 
 TEST_F(Hardening, ServerWritesNoCoreDump) {
