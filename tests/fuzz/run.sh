@@ -14,7 +14,8 @@ shift || true
 BUILD=${KMSFS_FUZZ_BUILD_DIR:-$ROOT/build-fuzz}
 JOBS=${KMSFS_JOBS:-$(nproc)}
 TARGETS=("$@")
-((${#TARGETS[@]})) || TARGETS=(file_header ciphertext_blob volume_config kms_http kms_json key_policy key_record audit_log)
+((${#TARGETS[@]})) || TARGETS=(file_header ciphertext_blob volume_config kms_http kms_json key_policy key_record audit_log
+  kms_request)
 
 CLANG=$(command -v clang++ || command -v clang++-14 || true)
 if [[ -z $CLANG ]]; then
