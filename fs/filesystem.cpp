@@ -22,6 +22,7 @@
 #include "crypto/random.h"
 #include "crypto/aes_gcm.h"
 #include "fs/header_lock.h"
+#include "fs/killpriv.h"
 #include "fs/volume.h"
 
 namespace kmsfs::fs {
@@ -368,6 +369,7 @@ void Filesystem::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int 
     }
     if (lock.owns_lock()) lock.unlock();
     drop_key_if_closed(inode);
+    if (err == 0) err = kill_suid_sgid_if_asked(fd);
     if (err != 0) return (void)fuse_reply_err(req, err);
   }
   if ((to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME)) != 0) {
@@ -795,7 +797,9 @@ void Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   }
   if ((fi->flags & O_TRUNC) != 0) {
     std::unique_lock lock(inode.content);
-    if (int err = truncate_locked(inode, fd.get(), 0, lock); err != 0) {
+    int err = truncate_locked(inode, fd.get(), 0, lock);
+    if (err == 0) err = kill_suid_sgid_if_asked(fd.get());
+    if (err != 0) {
       lock.unlock();
       {
         std::lock_guard sl(inode.state_mutex);
@@ -888,7 +892,7 @@ void Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name, mod
   }
   if ((fi->flags & O_TRUNC) != 0) {
     std::unique_lock lock(inode.content);
-    (void)truncate_locked(inode, fd.get(), 0, lock);
+    if (truncate_locked(inode, fd.get(), 0, lock) == 0) (void)kill_suid_sgid_if_asked(fd.get());
   }
   auto key = load_key(inode, fd.get());  // an existing file opened through create
   if (!key) {
@@ -970,6 +974,12 @@ void Filesystem::write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t s
       int err = errno;
       lock.unlock();
       return (void)fuse_reply_err(req, err);
+    }
+    if (kill_suid_sgid_requested()) {
+      if (int err = kill_suid_sgid_if_asked(fd); err != 0) {
+        lock.unlock();
+        return (void)fuse_reply_err(req, err);
+      }
     }
     std::string label;
     {

@@ -26,6 +26,7 @@
 #include "crypto/json_int.h"
 #include "crypto/random.h"
 #include "fs/filesystem.h"
+#include "fs/killpriv.h"
 #include "fs/name_mapper.h"
 
 namespace kmsfs::fs {
@@ -477,6 +478,8 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
                       " (is it an existing directory, and is /dev/fuse usable?)");
   }
   guard.mounted = true;
+  // One FUSE round trip per write instead of two (fs/killpriv.h).
+  if (!install_killpriv_io(se)) logger()->warn("FUSE custom I/O refused: writes ask for security.capability");
   logger()->info("mounted {} at {}", impl_->cipherdir, mountpoint);
   on_ready();
 

@@ -511,6 +511,74 @@ TEST_F(FilesystemTest, CopiedTreeSurvivesRemountByteForByte) {
   EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
 }
 
+// Set-user-ID and set-group-ID bits on writes, truncates and O_TRUNC opens
+// by a user without CAP_FSETID: the mount clears them exactly as the kernel
+// does on a plain directory (kmsfs negotiates FUSE_HANDLE_KILLPRIV_V2, so the
+// kernel leaves this to the server: fs/killpriv.h). Each case runs on the
+// mount and on a plain directory; the resulting modes must agree.
+TEST(KillPriv, WritesByOtherUsersClearSuidAndSgidAsOnAPlainDirectory) {
+  if (auto why = cannot_run_as_nobody({"/bin/sh", "-c", "true"}); !why.empty()) GTEST_SKIP() << why;
+  TempKms kms;
+  const std::string root = make_temp_dir("kmsfs-killpriv");
+  ASSERT_EQ(::chmod(root.c_str(), 0755), 0);  // uid 65534 reaches the mount and the plain dir
+  const std::string plain = root + "/plain";
+  ASSERT_EQ(::mkdir(plain.c_str(), 0777), 0);
+  ASSERT_EQ(::chmod(plain.c_str(), 0777), 0);
+  Mount m(root, "v");
+  ASSERT_NO_THROW(m.mount({"-o", "allow_other"}));
+  ASSERT_EQ(::chmod(m.mnt().c_str(), 0777), 0);
+  struct Case {
+    const char* name;
+    mode_t mode;
+    bool as_nobody;
+    const char* command;  // run in the directory, on the file "f"
+  };
+  const Case cases[] = {
+      {"append by another user, suid+sgid, group may execute", 06775, true, "printf x >> f"},
+      {"append by another user, sgid without group execute", 02764, true, "printf x >> f"},
+      {"append by root (CAP_FSETID)", 06755, false, "printf x >> f"},
+      {"truncate by another user", 04777, true, "truncate -s 1 f"},
+      {"O_TRUNC open by another user", 06777, true, ": > f"},
+      {"read by another user", 06775, true, "cat f > /dev/null"},
+  };
+  int n = 0;
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.name);
+    mode_t got[2] = {0, 0};
+    int i = 0;
+    for (const std::string& dir : {plain, m.mnt()}) {
+      const std::string d = dir + "/c" + std::to_string(n);
+      ASSERT_EQ(::mkdir(d.c_str(), 0777), 0);
+      ASSERT_EQ(::chmod(d.c_str(), 0777), 0);
+      const std::string f = d + "/f";
+      write_file(f, {'a', 'b', 'c'});
+      ASSERT_EQ(::chown(f.c_str(), 65534, 65534), 0);
+      ASSERT_EQ(::chmod(f.c_str(), c.mode), 0);
+      std::vector<std::string> argv;
+      if (c.as_nobody) argv = {"/usr/bin/setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"};
+      argv.insert(argv.end(), {"/bin/sh", "-c", std::string("cd '") + d + "' && " + c.command});
+      auto r = run_command(argv);
+      ASSERT_EQ(r.exit_code, 0) << dir << ": " << r.err;
+      struct stat st {};
+      ASSERT_EQ(::stat(f.c_str(), &st), 0);
+      got[i++] = st.st_mode & 07777;
+    }
+    EXPECT_EQ(got[1], got[0]) << std::oct << "mount 0" << got[1] << ", plain directory 0" << got[0];
+    ++n;
+  }
+  m.unmount();
+  // And after a remount (nothing cached in the kernel): the backing modes.
+  ASSERT_NO_THROW(m.mount());
+  for (int i = 0; i < n; ++i) {
+    struct stat a {}, b {};
+    ASSERT_EQ(::stat((plain + "/c" + std::to_string(i) + "/f").c_str(), &a), 0);
+    ASSERT_EQ(::stat((m.mnt() + "/c" + std::to_string(i) + "/f").c_str(), &b), 0);
+    EXPECT_EQ(b.st_mode & 07777, a.st_mode & 07777) << cases[i].name;
+  }
+  m.unmount();
+  remove_tree(root);
+}
+
 }  // namespace
 }  // namespace kmsfs::test
 
