@@ -257,6 +257,22 @@ HsmResult<void> BoundedHsm::generate_random(std::span<std::uint8_t> out) {
   return r;
 }
 
+HsmResult<std::vector<std::uint8_t>> BoundedHsm::generate_and_encrypt_gcm(const std::string& label,
+                                                                          std::span<const std::uint8_t> iv,
+                                                                          std::span<const std::uint8_t> aad,
+                                                                          std::span<std::uint8_t> plaintext_out) {
+  // Both steps on one worker; the key reaches the caller's buffer only if
+  // the call came back in time.
+  auto key = std::make_shared<crypto::SecureBuffer>(plaintext_out.size());
+  auto r = run_bounded<std::vector<std::uint8_t>>(
+      pool_, "generate_and_encrypt_gcm with '" + label + "'",
+      [label, iv = copy(iv), aad = copy(aad), key](Hsm& h) {
+        return h.generate_and_encrypt_gcm(label, iv, aad, key->span());
+      });
+  if (r) std::copy(key->data(), key->data() + key->size(), plaintext_out.data());
+  return r;
+}
+
 HsmResult<void> BoundedHsm::generate_hmac_key(const std::string& label) {
   return run_bounded<void>(pool_, "generate_hmac_key '" + label + "'",
                            [label](Hsm& h) { return h.generate_hmac_key(label); });

@@ -35,6 +35,10 @@ class BoundedHsm final : public Hsm {
                                               std::span<const std::uint8_t> aad,
                                               std::span<const std::uint8_t> ciphertext_and_tag) override;
   HsmResult<void> generate_random(std::span<std::uint8_t> out) override;
+  HsmResult<std::vector<std::uint8_t>> generate_and_encrypt_gcm(const std::string& label,
+                                                                std::span<const std::uint8_t> iv,
+                                                                std::span<const std::uint8_t> aad,
+                                                                std::span<std::uint8_t> plaintext_out) override;
   HsmResult<void> generate_hmac_key(const std::string& label) override;
   HsmResult<std::vector<std::uint8_t>> hmac_sha256(const std::string& label,
                                                    std::span<const std::uint8_t> data) override;

@@ -55,6 +55,15 @@ class Hsm {
 
   virtual HsmResult<void> generate_random(std::span<std::uint8_t> out) = 0;
 
+  // A new data key: `plaintext_out` filled from the HSM's generator, then
+  // encrypted as encrypt_gcm does; returns ciphertext ‖ tag. One call, so
+  // that an implementation may do both steps in one go (BoundedHsm: one
+  // worker hand-off instead of two).
+  virtual HsmResult<std::vector<std::uint8_t>> generate_and_encrypt_gcm(const std::string& label,
+                                                                        std::span<const std::uint8_t> iv,
+                                                                        std::span<const std::uint8_t> aad,
+                                                                        std::span<std::uint8_t> plaintext_out);
+
   // --- #3: audit checkpoints and imported key material. Defaults refuse, so
   // that a minimal Hsm (a test double) need not implement them.
 
@@ -82,6 +91,13 @@ class Hsm {
   virtual HsmResult<void> destroy_objects(const std::string& label);
 };
 
+inline HsmResult<std::vector<std::uint8_t>> Hsm::generate_and_encrypt_gcm(const std::string& label,
+                                                                          std::span<const std::uint8_t> iv,
+                                                                          std::span<const std::uint8_t> aad,
+                                                                          std::span<std::uint8_t> plaintext_out) {
+  if (auto r = generate_random(plaintext_out); !r) return Unexpected<HsmError>(std::move(r).error());
+  return encrypt_gcm(label, iv, aad, plaintext_out);
+}
 inline HsmResult<void> Hsm::generate_hmac_key(const std::string&) {
   return Unexpected<HsmError>(HsmError{HsmError::Kind::InvalidArgument, 0, "HMAC keys are not supported by this HSM"});
 }

@@ -739,28 +739,40 @@ KmsResult<KeyVersion> KmsCore::Impl::reserve_wrap(const KeyRecord& rec) {
   return reserved;
 }
 
-KmsResult<Bytes> KmsCore::Impl::wrap(const KeyRecord& rec, std::span<const std::uint8_t> plaintext,
-                                     const EncryptionContext& ctx, const char* op) {
+KmsResult<KmsCore::Impl::PreparedWrap> KmsCore::Impl::prepare_wrap(const KeyRecord& rec, std::size_t plaintext_size,
+                                                                  const EncryptionContext& ctx) {
   auto version = reserve_wrap(rec);
   if (!version) return Unexpected<KmsError>(version.error());
-  CiphertextBlob blob;
+  PreparedWrap w;
   auto uuid = uuid_from_string(rec.metadata.key_id);
   if (!uuid) return err(KmsErrorCode::KMSInternalException, "key record has an invalid key id");
-  blob.key_uuid = *uuid;
-  blob.key_version = version->version;
-  crypto::random_public_bytes(blob.iv);  // the IV is stored in the clear in the blob
-  blob.ciphertext_and_tag.resize(plaintext.size() + CiphertextBlob::kTagSize);  // header_bytes() reads the size
-  auto header = blob.header_bytes();
+  w.blob.key_uuid = *uuid;
+  w.blob.key_version = version->version;
+  crypto::random_public_bytes(w.blob.iv);  // the IV is stored in the clear in the blob
+  w.blob.ciphertext_and_tag.resize(plaintext_size + CiphertextBlob::kTagSize);  // header_bytes() reads the size
+  auto header = w.blob.header_bytes();
   auto context = canonical_encryption_context(ctx);
-  std::vector<std::uint8_t> aad(header.begin(), header.end());
-  aad.insert(aad.end(), context.begin(), context.end());
-  auto ct = hsm->encrypt_gcm(version->hsm_label, blob.iv, aad, plaintext);
+  w.aad.assign(header.begin(), header.end());
+  w.aad.insert(w.aad.end(), context.begin(), context.end());
+  w.hsm_label = version->hsm_label;
+  return w;
+}
+
+KmsResult<Bytes> KmsCore::Impl::finish_wrap(PreparedWrap& w, HsmResult<std::vector<std::uint8_t>> ct,
+                                            std::size_t plaintext_size, const KeyRecord& rec, const char* op) {
   if (!ct) return Unexpected<KmsError>(from_hsm(ct.error(), std::string(op) + " with " + rec.metadata.arn));
-  if (ct->size() != plaintext.size() + CiphertextBlob::kTagSize) {
+  if (ct->size() != plaintext_size + CiphertextBlob::kTagSize) {
     return err(KmsErrorCode::KMSInternalException, "the HSM returned a ciphertext of unexpected length");
   }
-  blob.ciphertext_and_tag = std::move(*ct);
-  return blob.encode();
+  w.blob.ciphertext_and_tag = std::move(*ct);
+  return w.blob.encode();
+}
+
+KmsResult<Bytes> KmsCore::Impl::wrap(const KeyRecord& rec, std::span<const std::uint8_t> plaintext,
+                                     const EncryptionContext& ctx, const char* op) {
+  auto w = prepare_wrap(rec, plaintext.size(), ctx);
+  if (!w) return Unexpected<KmsError>(std::move(w).error());
+  return finish_wrap(*w, hsm->encrypt_gcm(w->hsm_label, w->blob.iv, w->aad, plaintext), plaintext.size(), rec, op);
 }
 
 KmsResult<crypto::SecureBuffer> KmsCore::Impl::unwrap(Call& call, const Bytes& blob_bytes, const EncryptionContext& ctx,
@@ -1178,10 +1190,12 @@ static KmsResult<GenerateDataKeyResponse> generate_data_key_in(KmsCore::Impl& im
     return Unexpected<KmsError>(a.error());
   }
   if (auto s = KmsCore::Impl::check_state(*rec, op); !s) return Unexpected<KmsError>(s.error());
+  // The key from the HSM's generator and its wrap in one HSM call.
+  auto w = impl.prepare_wrap(*rec, *n, req.encryption_context);
+  if (!w) return Unexpected<KmsError>(std::move(w).error());
   crypto::SecureBuffer plaintext(*n);
-  auto r = impl.hsm->generate_random(plaintext.span());
-  if (!r) return Unexpected<KmsError>(impl.from_hsm(r.error(), op));
-  auto blob = impl.wrap(*rec, plaintext.span(), req.encryption_context, op);
+  auto blob = impl.finish_wrap(*w, impl.hsm->generate_and_encrypt_gcm(w->hsm_label, w->blob.iv, w->aad, plaintext.span()),
+                               *n, *rec, op);
   if (!blob) return Unexpected<KmsError>(std::move(blob).error());
   return GenerateDataKeyResponse{rec->metadata.arn, std::move(plaintext), std::move(*blob)};
 }

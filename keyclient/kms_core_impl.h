@@ -164,6 +164,16 @@ struct KmsCore::Impl {
 
   // --- envelope
   KmsResult<KeyVersion> reserve_wrap(const KeyRecord& rec);
+  // A wrap in two halves around the HSM call: the blob (key, reserved
+  // version, IV) and its AAD first, then the HSM's ciphertext into it.
+  struct PreparedWrap {
+    CiphertextBlob blob;
+    std::vector<std::uint8_t> aad;
+    std::string hsm_label;
+  };
+  KmsResult<PreparedWrap> prepare_wrap(const KeyRecord& rec, std::size_t plaintext_size, const EncryptionContext& ctx);
+  KmsResult<Bytes> finish_wrap(PreparedWrap& w, HsmResult<std::vector<std::uint8_t>> ct, std::size_t plaintext_size,
+                               const KeyRecord& rec, const char* op);
   KmsResult<Bytes> wrap(const KeyRecord& rec, std::span<const std::uint8_t> plaintext, const EncryptionContext& ctx,
                         const char* op);
   KmsResult<crypto::SecureBuffer> unwrap(Call& call, const Bytes& blob_bytes, const EncryptionContext& ctx,

@@ -40,6 +40,15 @@ TEST(BoundedHsm, PassesCallsAndResultsThrough) {
   ASSERT_FALSE(bad);
   EXPECT_EQ(bad.error().kind, HsmError::Kind::AuthenticationFailed);
 
+  // A data key and its wrap in one call: the key decrypts back.
+  std::vector<std::uint8_t> dek(32, 0);
+  auto wrapped = hsm.generate_and_encrypt_gcm("k1", iv, aad, dek);
+  ASSERT_TRUE(wrapped) << wrapped.error().message;
+  EXPECT_NE(dek, std::vector<std::uint8_t>(32, 0));
+  auto dek_back = hsm.decrypt_gcm("k1", iv, aad, *wrapped);
+  ASSERT_TRUE(dek_back) << dek_back.error().message;
+  EXPECT_EQ(std::vector<std::uint8_t>(dek_back->data(), dek_back->data() + dek_back->size()), dek);
+
   std::vector<std::uint8_t> rnd(64, 0);
   ASSERT_TRUE(hsm.generate_random(rnd));
   EXPECT_NE(rnd, std::vector<std::uint8_t>(64, 0));
@@ -110,6 +119,13 @@ TEST(BoundedHsm, HungCallTimesOutWithAClearErrorAndOthersGoOn) {
   EXPECT_LT(took, 5s);
   EXPECT_EQ(out, std::vector<std::uint8_t>(16, 0)) << "the caller's buffer was written after the deadline";
   EXPECT_EQ(hsm.abandoned_calls(), 1u);
+  // A new data key hangs the same way (its random bytes come first).
+  std::vector<std::uint8_t> dek(32, 0);
+  auto w = hsm.generate_and_encrypt_gcm("k", std::vector<std::uint8_t>(12), {}, dek);
+  ASSERT_FALSE(w);
+  EXPECT_NE(w.error().message.find("did not answer generate_and_encrypt_gcm"), std::string::npos) << w.error().message;
+  EXPECT_EQ(dek, std::vector<std::uint8_t>(32, 0)) << "the caller's key buffer was written after the deadline";
+  EXPECT_EQ(hsm.abandoned_calls(), 2u);
 
   // The HSM hangs for one call; the others are answered meanwhile.
   auto e = hsm.key_exists("present");
