@@ -27,6 +27,13 @@ bool body(const void* buf, std::size_t n, T& out) {
   return true;
 }
 
+// Notes whether the request's `field` carries the kernel's kill flag.
+template <class T>
+void note_kill(const void* buf, std::size_t n, std::uint32_t T::*field, std::uint32_t flag) {
+  T in{};
+  if (body(buf, n, in)) t_kill_requested = (in.*field & flag) != 0;
+}
+
 ssize_t read_request(int fd, void* buf, size_t len, void*) {
   const ssize_t n = ::read(fd, buf, len);
   t_kill_requested = false;
@@ -46,26 +53,18 @@ ssize_t read_request(int fd, void* buf, size_t len, void*) {
       }
       break;
     }
-    case FUSE_WRITE: {
-      fuse_write_in w{};
-      if (body(buf, size, w)) t_kill_requested = (w.write_flags & FUSE_WRITE_KILL_SUIDGID) != 0;
+    case FUSE_WRITE:
+      note_kill(buf, size, &fuse_write_in::write_flags, FUSE_WRITE_KILL_SUIDGID);
       break;
-    }
-    case FUSE_SETATTR: {
-      fuse_setattr_in s{};
-      if (body(buf, size, s)) t_kill_requested = (s.valid & FATTR_KILL_SUIDGID) != 0;
+    case FUSE_SETATTR:
+      note_kill(buf, size, &fuse_setattr_in::valid, FATTR_KILL_SUIDGID);
       break;
-    }
-    case FUSE_OPEN: {
-      fuse_open_in o{};
-      if (body(buf, size, o)) t_kill_requested = (o.open_flags & FUSE_OPEN_KILL_SUIDGID) != 0;
+    case FUSE_OPEN:
+      note_kill(buf, size, &fuse_open_in::open_flags, FUSE_OPEN_KILL_SUIDGID);
       break;
-    }
-    case FUSE_CREATE: {
-      fuse_create_in c{};
-      if (body(buf, size, c)) t_kill_requested = (c.open_flags & FUSE_OPEN_KILL_SUIDGID) != 0;
+    case FUSE_CREATE:
+      note_kill(buf, size, &fuse_create_in::open_flags, FUSE_OPEN_KILL_SUIDGID);
       break;
-    }
     default:
       break;
   }
