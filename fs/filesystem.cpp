@@ -975,11 +975,9 @@ void Filesystem::write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t s
       lock.unlock();
       return (void)fuse_reply_err(req, err);
     }
-    if (kill_suid_sgid_requested()) {
-      if (int err = kill_suid_sgid_if_asked(fd); err != 0) {
-        lock.unlock();
-        return (void)fuse_reply_err(req, err);
-      }
+    if (int err = kill_suid_sgid_if_asked(fd); err != 0) {
+      lock.unlock();
+      return (void)fuse_reply_err(req, err);
     }
     std::string label;
     {

@@ -103,8 +103,6 @@ bool install_killpriv_io(fuse_session* se) {
   return fuse_session_custom_io(se, &io, fuse_session_fd(se)) == 0;
 }
 
-bool kill_suid_sgid_requested() { return t_kill_requested; }
-
 int kill_suid_sgid_if_asked(int fd) {
   if (!t_kill_requested) return 0;
   struct stat st {};

@@ -25,11 +25,8 @@ namespace kmsfs::fs {
 // session keeps libfuse's own I/O) when libfuse refuses it.
 bool install_killpriv_io(fuse_session* se);
 
-// Whether the request being handled on this thread carries the kernel's
-// "clear set-user-ID/set-group-ID" flag.
-bool kill_suid_sgid_requested();
-
-// With that flag: clears S_ISUID, and S_ISGID when the group may execute,
+// When the request being handled on this thread carries the kernel's
+// "clear set-user-ID/set-group-ID" flag: clears S_ISUID, and S_ISGID when the group may execute,
 // from the file open as `fd`. Returns 0 or an errno.
 int kill_suid_sgid_if_asked(int fd);
 
