@@ -36,6 +36,15 @@ void note_kill(const void* buf, std::size_t n, std::uint32_t T::*field, std::uin
 
 ssize_t read_request(int fd, void* buf, size_t len, void*) {
   const ssize_t n = ::read(fd, buf, len);
+  if (n < 0 && errno == ECONNABORTED) {
+    // An unmount racing this read: the kernel took a request off its input
+    // queue, then found the connection shut down (fs/fuse/dev.c,
+    // fuse_dev_do_read). The connection is gone, as with the ENODEV every
+    // other reader gets; libfuse ends its loop cleanly only on ENODEV and
+    // would report this one as an error (kmsfs exiting 1 after a normal
+    // unmount).
+    errno = ENODEV;
+  }
   t_kill_requested = false;
   if (n < static_cast<ssize_t>(sizeof(fuse_in_header))) return n;
   fuse_in_header h{};

@@ -15,6 +15,9 @@
 // request on the thread that read it) whether the kernel asked for the
 // bits to be cleared. Filesystem's write, setattr, open and create then
 // call kill_suid_sgid_if_asked().
+//
+// The same read also turns the ECONNABORTED of an unmount that races a read
+// into the ENODEV libfuse expects at unmount (see read_request).
 
 #define FUSE_USE_VERSION 314
 #include <fuse_lowlevel.h>

@@ -916,6 +916,19 @@ struct Config {
 std::atomic<std::uint64_t> g_progress{0};
 std::atomic<bool> g_stop_watchdog{false};
 
+// The last lines of a server log, indented, for a failure message: CI keeps
+// only the test's output, not the log file.
+std::string log_tail(const std::string& path, std::size_t max_lines = 80) {
+  std::ifstream in(path);
+  std::vector<std::string> lines;
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  std::string out;
+  for (std::size_t i = lines.size() > max_lines ? lines.size() - max_lines : 0; i < lines.size(); ++i) {
+    out += "  | " + lines[i] + "\n";
+  }
+  return out;
+}
+
 class Env {
  public:
   explicit Env(const Config& c) : cfg_(c) {}
@@ -951,13 +964,8 @@ class Env {
     if (!v) return 0;
     const int code = v->mount->stop();
     if (code != 0) {
-      std::cerr << "kmsfs server exited with " << code << " at unmount; its log (" << v->log << "):\n";
-      std::ifstream in(v->log);
-      std::vector<std::string> lines;
-      for (std::string line; std::getline(in, line);) lines.push_back(line);
-      for (std::size_t i = lines.size() > 80 ? lines.size() - 80 : 0; i < lines.size(); ++i) {
-        std::cerr << "  | " << lines[i] << "\n";
-      }
+      std::cerr << "kmsfs server exited with " << code << " at unmount; its log (" << v->log << "):\n"
+                << log_tail(v->log);
     }
     kt::remove_tree(v->cipher);
     kt::remove_tree(v->plain);
@@ -1003,7 +1011,7 @@ std::optional<Failure> run_ops(Env::Volume& v, const std::vector<Op>& ops, const
       ks.reset();
       int code = v.mount->stop();
       if (code != 0) {
-        return Failure{i, op.type, "kmsfs exited with " + std::to_string(code) + " at unmount (log " + v.log + ")"};
+        return Failure{i, op.type, "kmsfs exited with " + std::to_string(code) + " at unmount; its log:\n" + log_tail(v.log)};
       }
       v.mount->start();
       ks = std::make_unique<Side>(v.mnt);
@@ -1050,7 +1058,7 @@ std::optional<Failure> run_ops(Env::Volume& v, const std::vector<Op>& ops, const
   ks.reset();
   int code = v.mount->stop();
   if (code != 0) {
-    return Failure{ops.size(), OpType::Count_, "kmsfs exited with " + std::to_string(code) + " at unmount (log " + v.log + ")"};
+    return Failure{ops.size(), OpType::Count_, "kmsfs exited with " + std::to_string(code) + " at unmount; its log:\n" + log_tail(v.log)};
   }
   v.mount->start();
   if (auto d = compare_trees(v.mnt, v.plain, sub); !d.empty()) {
@@ -1387,8 +1395,8 @@ RoundResult run_round(Env& env, Env::Volume& v, const Config& cfg, std::uint64_t
     const int code = v.mount->stop();
     if (code != 0) {
       rr.ok = false;
-      std::cerr << "\nkmsfs exited with " << code << " at unmount after the threads (seed " << seed << "; log " << v.log
-                << ")\n";
+      std::cerr << "\nkmsfs exited with " << code << " at unmount after the threads (seed " << seed << "); its log:\n"
+                << log_tail(v.log);
       return rr;
     }
     v.mount->start();
