@@ -1157,7 +1157,12 @@ void Filesystem::setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, cons
 }
 
 void Filesystem::getxattr(fuse_req_t req, fuse_ino_t ino, const char* name, size_t size) {
-  if (!is_user_xattr(name)) return (void)fuse_reply_err(req, ENODATA);
+  // Other namespaces are not supported, as setxattr says: EOPNOTSUPP, not
+  // ENODATA. It is also what lets ls -l and cp stop asking for
+  // security.selinux and POSIX ACLs on every file: they remember a device
+  // that answered "not supported", while the kernel sends every GETXATTR to
+  // the server (two round trips per file of an ls -l otherwise).
+  if (!is_user_xattr(name)) return (void)fuse_reply_err(req, EOPNOTSUPP);
   Inode& inode = inode_of(ino);
   if (inode.type != S_IFREG && inode.type != S_IFDIR) return (void)fuse_reply_err(req, ENODATA);
   const std::string path = proc_path(inode.fd.get());
@@ -1203,7 +1208,7 @@ void Filesystem::listxattr(fuse_req_t req, fuse_ino_t ino, size_t size) {
 }
 
 void Filesystem::removexattr(fuse_req_t req, fuse_ino_t ino, const char* name) {
-  if (!is_user_xattr(name)) return (void)fuse_reply_err(req, ENODATA);
+  if (!is_user_xattr(name)) return (void)fuse_reply_err(req, EOPNOTSUPP);
   Inode& inode = inode_of(ino);
   if (inode.type != S_IFREG && inode.type != S_IFDIR) return (void)fuse_reply_err(req, ENODATA);
   const std::string stored = names_.encrypt_xattr_name(name);

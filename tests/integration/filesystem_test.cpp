@@ -422,6 +422,46 @@ TEST_F(FilesystemTest, UserXattrsRoundTrip) {
   EXPECT_EQ(errno, ENODATA);
 }
 
+// Only user.* is stored; every other namespace answers "not supported" to
+// set, get and remove alike, which is what ls -l, cp and exec(2) expect
+// from a filesystem without SELinux labels or POSIX ACLs.
+TEST_F(FilesystemTest, OtherXattrNamespacesAreNotSupported) {
+  write_file(p("y"), {'y'});
+  ASSERT_EQ(::mkdir(p("ydir").c_str(), 0755), 0);
+  char buf[64] = {};
+  for (const char* target : {"y", "ydir"}) {
+    for (const char* name : {"security.selinux", "system.posix_acl_access", "system.posix_acl_default",
+                             "trusted.x", "security.capability"}) {
+      errno = 0;
+      EXPECT_EQ(::lgetxattr(p(target).c_str(), name, buf, sizeof buf), -1) << target << " " << name;
+      EXPECT_EQ(errno, EOPNOTSUPP) << target << " " << name;
+      // (The kernel itself answers 0 to removing a regular file's default
+      // ACL, which cannot exist.)
+      if (std::string(target) == "y" && std::string(name) == "system.posix_acl_default") continue;
+      errno = 0;
+      EXPECT_EQ(::lremovexattr(p(target).c_str(), name), -1) << target << " " << name;
+      EXPECT_EQ(errno, EOPNOTSUPP) << target << " " << name;
+    }
+    errno = 0;
+    EXPECT_EQ(::lsetxattr(p(target).c_str(), "trusted.x", "v", 1, 0), -1);
+    EXPECT_EQ(errno, EOPNOTSUPP);
+  }
+  // ls -l shows no ACL mark and no label, and says nothing on stderr.
+  auto r = run_command({"/bin/ls", "-ld", p("y"), p("ydir")});
+  ASSERT_EQ(r.exit_code, 0) << r.err;
+  EXPECT_TRUE(r.err.empty()) << r.err;
+  EXPECT_NE(r.out.find("-rw"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find('+'), std::string::npos) << r.out;
+  // exec(2) reads security.capability: "not supported" is "no capabilities".
+  const std::string script = p("run.sh");
+  const std::string text = "#!/bin/sh\necho ran\n";
+  write_file(script, std::vector<std::uint8_t>(text.begin(), text.end()));
+  ASSERT_EQ(::chmod(script.c_str(), 0755), 0);
+  auto ran = run_command({script});
+  EXPECT_EQ(ran.exit_code, 0) << ran.err;
+  EXPECT_EQ(ran.out, "ran\n");
+}
+
 TEST_F(FilesystemTest, ConcurrentWritersNeverTearBlocks) {
   // Each writer fills whole 4 KiB blocks with its own byte; readers check
   // that every block they see holds one byte value only.
