@@ -361,10 +361,10 @@ void Filesystem::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int 
         if (int kerr = prepare_new_key(inode); kerr != 0) return (void)fuse_reply_err(req, kerr);
       }
       lock = std::unique_lock(inode.content);
-      err = truncate_locked(inode, fd, 0, lock);
+      err = truncate_locked(inode, fd, 0, nullptr, lock);
     } else {
       auto key = key_for_write(inode, fd, lock);
-      err = key ? truncate_locked(inode, fd, static_cast<std::uint64_t>(attr->st_size), lock)
+      err = key ? truncate_locked(inode, fd, static_cast<std::uint64_t>(attr->st_size), key->get(), lock)
                 : key.error();
     }
     if (lock.owns_lock()) lock.unlock();
@@ -736,7 +736,7 @@ int Filesystem::prepare_new_key(Inode& inode) {
   return 0;
 }
 
-int Filesystem::truncate_locked(Inode& inode, int fd, std::uint64_t new_size,
+int Filesystem::truncate_locked(Inode& inode, int fd, std::uint64_t new_size, const FileKey* key,
                                 std::unique_lock<std::shared_mutex>&) {
   struct stat st {};
   if (::fstat(fd, &st) != 0) return errno;
@@ -749,12 +749,10 @@ int Filesystem::truncate_locked(Inode& inode, int fd, std::uint64_t new_size,
     doomed = std::move(inode.key);
     return 0;
   }
-  std::shared_ptr<const FileKey> key;
-  {
-    std::lock_guard sl(inode.state_mutex);
-    key = inode.key;
+  if (key == nullptr) {
+    logger()->error("internal error: extending backing inode {} without its key", inode.ino);
+    return EIO;
   }
-  if (!key) return EIO;
   EncryptedFile file(fd, *key, "backing inode " + std::to_string(inode.ino));
   return -file.truncate(bl::plain_size(static_cast<std::uint64_t>(st.st_size)), new_size);
 }
@@ -797,7 +795,7 @@ void Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   }
   if ((fi->flags & O_TRUNC) != 0) {
     std::unique_lock lock(inode.content);
-    int err = truncate_locked(inode, fd.get(), 0, lock);
+    int err = truncate_locked(inode, fd.get(), 0, nullptr, lock);
     if (err == 0) err = kill_suid_sgid_if_asked(fd.get());
     if (err != 0) {
       lock.unlock();
@@ -892,7 +890,7 @@ void Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name, mod
   }
   if ((fi->flags & O_TRUNC) != 0) {
     std::unique_lock lock(inode.content);
-    if (truncate_locked(inode, fd.get(), 0, lock) == 0) (void)kill_suid_sgid_if_asked(fd.get());
+    if (truncate_locked(inode, fd.get(), 0, nullptr, lock) == 0) (void)kill_suid_sgid_if_asked(fd.get());
   }
   auto key = load_key(inode, fd.get());  // an existing file opened through create
   if (!key) {
@@ -1238,7 +1236,7 @@ void Filesystem::fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offse
   } else {
     const std::uint64_t plain = bl::plain_size(static_cast<std::uint64_t>(st.st_size));
     const std::uint64_t want = static_cast<std::uint64_t>(offset) + static_cast<std::uint64_t>(length);
-    if (want > plain) err = truncate_locked(inode, fd, want, lock);
+    if (want > plain) err = truncate_locked(inode, fd, want, key->get(), lock);
   }
   lock.unlock();
   fuse_reply_err(req, err);

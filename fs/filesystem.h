@@ -162,7 +162,11 @@ class Filesystem {
   int prepare_new_key(Inode& inode);
   // Closes a file handle's backing fd and drops its open reference.
   void release_handle(Inode& inode, fuse_file_info* fi);
-  int truncate_locked(Inode& inode, int fd, std::uint64_t new_size,
+  // Truncates or extends under the content lock. Extending needs the file's
+  // key as key_for_write returned it: inode.key itself may be dropped
+  // meanwhile by the RELEASE of another handle (drop_key_if_closed takes
+  // only the state mutex). Truncating to 0 needs no key (nullptr).
+  int truncate_locked(Inode& inode, int fd, std::uint64_t new_size, const FileKey* key,
                       std::unique_lock<std::shared_mutex>& lock);
 
   std::atomic<double> last_activity_{now_seconds()};

@@ -462,6 +462,44 @@ TEST_F(FilesystemTest, OtherXattrNamespacesAreNotSupported) {
   EXPECT_EQ(ran.out, "ran\n");
 }
 
+// A truncate(2) by path that extends a file takes the file's key while a
+// RELEASE of the last handle, delivered asynchronously, drops the inode's
+// key: the truncate must still use the key it took (it answered EIO now and
+// then, found by the concurrent difftest under ASan).
+TEST_F(FilesystemTest, TruncateByPathRacingTheLastCloseNeverFails) {
+  const std::string f = p("trunc-race");
+  write_file(f, std::vector<std::uint8_t>(100, 'a'));
+  std::atomic<bool> stop{false};
+  std::atomic<int> eio{0};
+  std::thread closer([&] {
+    while (!stop.load()) {
+      const int fd = ::open(f.c_str(), O_WRONLY);
+      if (fd >= 0) {
+        (void)::pwrite(fd, "b", 1, 0);
+        ::close(fd);
+      }
+    }
+  });
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  int truncates = 0;
+  int other_errors = 0;
+  for (int i = 0; std::chrono::steady_clock::now() < end; ++i) {
+    if (::truncate(f.c_str(), 5000 + (i % 3000)) != 0) {
+      if (errno == EIO) {
+        ++eio;
+      } else {
+        ++other_errors;
+      }
+    }
+    ++truncates;
+  }
+  stop = true;
+  closer.join();
+  EXPECT_EQ(eio.load(), 0) << "of " << truncates << " truncates";
+  EXPECT_EQ(other_errors, 0);
+  EXPECT_EQ(read_file(f).size(), static_cast<std::size_t>(5000 + ((truncates - 1) % 3000)));
+}
+
 TEST_F(FilesystemTest, ConcurrentWritersNeverTearBlocks) {
   // Each writer fills whole 4 KiB blocks with its own byte; readers check
   // that every block they see holds one byte value only.
