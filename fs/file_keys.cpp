@@ -177,6 +177,20 @@ Result<FileKeys::NewFile, int> FileKeys::create(const std::string& label) {
   return nf;
 }
 
+KeyReadahead::Warmed FileKeys::warm(const crypto::FileHeader& header) {
+  if (!cache_) return KeyReadahead::Warmed::kStop;
+  keyclient::DecryptRequest req;
+  req.ciphertext_blob = header.wrapped_key;
+  req.encryption_context = context_for(header.file_id);
+  auto res = cache_->decrypt(req);  // the plaintext is cleansed with `res`
+  if (res) return KeyReadahead::Warmed::kOk;
+  // A damaged header concerns its file alone; anything else (a refusal, a
+  // disabled key, an unavailable KMS) would likely repeat for every file.
+  return res.error().code == keyclient::KmsErrorCode::InvalidCiphertextException
+             ? KeyReadahead::Warmed::kSkip
+             : KeyReadahead::Warmed::kStop;
+}
+
 Result<FileKey, int> FileKeys::open(const crypto::FileHeader& header, const std::string& label) {
   keyclient::DecryptRequest req;
   req.ciphertext_blob = header.wrapped_key;

@@ -17,6 +17,7 @@
 #include "crypto/file_header.h"
 #include "crypto/result.h"
 #include "fs/encrypted_file.h"
+#include "fs/key_readahead.h"
 #include "keyclient/data_key_cache.h"
 #include "keyclient/key_service.h"
 
@@ -55,6 +56,12 @@ class FileKeys {
   Result<FileKey, int> open(const crypto::FileHeader& header, const std::string& label);
 
   keyclient::EncryptionContext context_for(const crypto::FileId& id) const;
+
+  // Key read-ahead (fs/key_readahead.h): unwraps `header`'s key into the
+  // DEK cache, logging nothing (the file's own open reports failures).
+  // kStop for a refusal or an unavailable KMS; without a cache, kStop.
+  KeyReadahead::Warmed warm(const crypto::FileHeader& header);
+  bool caches_keys() const { return cache_ != nullptr; }
 
   // The volume's key can change under a live mount (`kmsfs rewrap --to-key`
   // rewrites kmsfs.json): `source` returns the key kmsfs.json names now (or

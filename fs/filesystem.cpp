@@ -113,6 +113,13 @@ Filesystem::Filesystem(UniqueFd root_fd, FileKeys& keys, const NameMapper& names
   root_.type = S_IFDIR;
   root_.nlookup = 2;  // never forgotten
   root_.label = "/";
+  if (settings_.key_readahead > 0 && keys_.caches_keys()) {
+    KeyReadaheadOptions ro;
+    ro.max_files = settings_.key_readahead;
+    readahead_ = std::make_unique<KeyReadahead>(
+        [this](const crypto::FileHeader& h) { return keys_.warm(h); },
+        [this](const char* name, bool at_root) { return names_.is_internal(name, at_root); }, ro);
+  }
 }
 
 Filesystem::~Filesystem() {
@@ -244,6 +251,7 @@ int Filesystem::do_lookup(Inode& parent, const char* name, fuse_entry_param* e) 
   {
     std::lock_guard lock(inode->state_mutex);
     inode->label = name;
+    inode->parent = {parent.dev, parent.ino};
   }
   if (inode->type == S_IFREG) {
     // Another thread may be writing: take the size under the content lock.
@@ -635,12 +643,37 @@ Result<std::shared_ptr<const FileKey>, int> Filesystem::load_key(Inode& inode, i
     logger()->error("cannot open {}: corrupt header: {}", label, header.error());
     return unexpected(EIO);
   }
+  note_cold_open(inode);
   auto key = keys_.open(*header, label);  // no lock held across the KMS call
   if (!key) return unexpected(key.error());
   auto shared = share_key(std::move(*key));
   std::lock_guard lock(inode.state_mutex);
   if (!inode.key) inode.key = shared;  // else another thread won the race
   return inode.key;
+}
+
+void Filesystem::note_cold_open(Inode& inode) {
+  if (!readahead_) return;
+  std::pair<dev_t, ino_t> dir;
+  {
+    std::lock_guard lock(inode.state_mutex);
+    dir = inode.parent;
+  }
+  if (dir.second == 0) return;
+  readahead_->cold_open(dir, dir.first == root_.dev && dir.second == root_.ino,
+                        [this, dir] { return open_known_dir(dir); });
+}
+
+UniqueFd Filesystem::open_known_dir(std::pair<dev_t, ino_t> dir) {
+  std::lock_guard lock(table_mutex_);  // the inode cannot be forgotten meanwhile
+  const Inode* d = nullptr;
+  if (dir.first == root_.dev && dir.second == root_.ino) {
+    d = &root_;
+  } else if (auto it = inodes_.find(dir); it != inodes_.end()) {
+    d = it->second.get();
+  }
+  if (d == nullptr || d->type != S_IFDIR) return UniqueFd();
+  return UniqueFd(::openat(d->fd.get(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
 }
 
 Result<std::shared_ptr<const FileKey>, int> Filesystem::key_for_write(
@@ -1026,6 +1059,7 @@ void Filesystem::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   (void)fd.release();  // owned by the DIR stream now
   fi->fh = reinterpret_cast<std::uint64_t>(handle.release());
   fi->cache_readdir = 0;
+  if (readahead_) readahead_->listed({inode.dev, inode.ino});
   open_handles_++;
   {
     std::lock_guard lock(dir_handles_mu_);

@@ -24,6 +24,7 @@
 
 #include "fs/encrypted_file.h"
 #include "fs/file_keys.h"
+#include "fs/key_readahead.h"
 #include "fs/name_mapper.h"
 #include "fs/unique_fd.h"
 
@@ -35,6 +36,9 @@ struct FsSettings {
   bool writeback_cache = true;
   bool kernel_cache = false;
   bool read_only = false;
+  // Key read-ahead (fs/key_readahead.h): headers read per directory chunk;
+  // 0 = off. Needs the DEK cache.
+  std::size_t key_readahead = 0;
 };
 
 struct Inode {
@@ -62,6 +66,7 @@ struct Inode {
   std::shared_ptr<FileKeys::NewFile> pending;
   int open_count = 0;
   std::string label;  // last backing name looked up, for log lines
+  std::pair<dev_t, ino_t> parent{};  // directory of that lookup (key read-ahead)
   std::optional<DirIvBytes> dir_iv;  // directories with encrypted names
 };
 
@@ -157,6 +162,11 @@ class Filesystem {
   Result<std::shared_ptr<const FileKey>, int> key_for_write(Inode& inode, int fd,
                                                             std::unique_lock<std::shared_mutex>& lock);
   void drop_key_if_closed(Inode& inode);
+  // A cold open of `inode`: tells the key read-ahead.
+  void note_cold_open(Inode& inode);
+  // An O_RDONLY descriptor of the directory (dev, ino) while an inode of the
+  // mount knows it, else an invalid one.
+  UniqueFd open_known_dir(std::pair<dev_t, ino_t> dir);
   // Makes inode.pending unless the inode has a key or a pending key already
   // (no lock held across the KMS call). 0 or an errno value.
   int prepare_new_key(Inode& inode);
@@ -183,6 +193,8 @@ class Filesystem {
   // Guarded by table_mutex_. Keyed by the backing (st_dev, st_ino), so hard
   // links share one Inode.
   std::map<std::pair<dev_t, ino_t>, std::unique_ptr<Inode>> inodes_;
+  // Last: its threads stop before anything they use goes away.
+  std::unique_ptr<KeyReadahead> readahead_;
 };
 
 }  // namespace kmsfs::fs

@@ -258,6 +258,15 @@ Result<MountOptions, std::string> parse_mount_options(const std::string& opts, M
       auto d = parse_seconds(name, value);
       if (!d) return unexpected(d.error());
       base.key_cache_ttl = *d;
+    } else if (name == "key_readahead") {
+      try {
+        std::size_t used = 0;
+        long n = std::stol(value, &used);
+        if (used != value.size() || n < 0 || n > 65536) throw std::out_of_range(value);
+        base.key_readahead = static_cast<std::size_t>(n);
+      } catch (const std::exception&) {
+        return unexpected("mount option key_readahead=" + value + ": not a number in 0..65536");
+      }
     } else if (name == "max_threads") {
       try {
         int n = std::stoi(value);
@@ -440,6 +449,7 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
   settings.writeback_cache = opts.writeback_cache && !opts.read_only && !opts.shared_storage;
   settings.kernel_cache = opts.kernel_cache && !opts.shared_storage;
   settings.read_only = opts.read_only;
+  settings.key_readahead = opts.key_cache ? opts.key_readahead : 0;
   Filesystem filesystem(std::move(root), keys, impl_->names, settings);
 
   // The fsname may not contain a comma (it would split the option string).

@@ -66,6 +66,10 @@ struct MountOptions {
   unsigned max_threads = 10;
   bool key_cache = true;            // key_cache=on|off: DEK cache and data-key prefetch
   double key_cache_ttl = 300;       // key_cache_ttl=SECONDS
+  // key_readahead=N: when a program walks a directory, unwrap the keys of up
+  // to N of its files at a time ahead of their opens (fs/key_readahead.h);
+  // 0 = off. Needs the key cache.
+  std::size_t key_readahead = 256;
   double idle_timeout = 0;          // idle_timeout=SECONDS: unmount when unused (0 = never)
   // shared_storage: several mounts share the backing dir (NFS): no kernel
   // attribute, entry or page caching and no writeback cache.

@@ -132,16 +132,59 @@ KmsResult<DecryptResponse> CachingKeyService::decrypt(const DecryptRequest& req)
   // A request naming a key or another algorithm goes to the KMS, which
   // checks them (IncorrectKeyException); the cache answers the plain form.
   const bool plain = !req.key_id && req.encryption_algorithm == "SYMMETRIC_DEFAULT";
-  if (plain) {
-    if (auto hit = cache_.get(req.ciphertext_blob, req.encryption_context)) {
-      DecryptResponse r;
-      r.key_id = std::move(hit->key_id);
-      r.plaintext = std::move(hit->plaintext);
-      return r;
+  if (!plain) return inner_.decrypt(req);
+  auto from_cache = [&]() -> std::optional<DecryptResponse> {
+    auto hit = cache_.get(req.ciphertext_blob, req.encryption_context);
+    if (!hit) return std::nullopt;
+    DecryptResponse r;
+    r.key_id = std::move(hit->key_id);
+    r.plaintext = std::move(hit->plaintext);
+    return r;
+  };
+  if (auto r = from_cache()) return std::move(*r);
+  const auto id = DataKeyCache::digest(req.ciphertext_blob, req.encryption_context);
+  std::shared_ptr<Flight> mine;
+  std::shared_ptr<Flight> theirs;
+  {
+    std::lock_guard<std::mutex> lock(flights_mu_);
+    auto [it, fresh] = flights_.try_emplace(id, nullptr);
+    if (fresh) {
+      it->second = std::make_shared<Flight>();
+      mine = it->second;
+    } else {
+      theirs = it->second;
     }
   }
+  if (theirs) {
+    {
+      std::unique_lock<std::mutex> lock(theirs->mu);
+      theirs->cv.wait(lock, [&] { return theirs->done; });
+    }
+    if (auto r = from_cache()) return std::move(*r);
+    return inner_.decrypt(req);  // it failed (or its entry is gone): ask for ourselves
+  }
+  // Lands the flight however the call ends (an exception included), so
+  // that no waiter waits for ever.
+  struct Landing {
+    CachingKeyService& self;
+    const DataKeyCache::Digest& id;
+    Flight& flight;
+    ~Landing() {
+      {
+        std::lock_guard<std::mutex> lock(self.flights_mu_);
+        self.flights_.erase(id);
+      }
+      {
+        std::lock_guard<std::mutex> lock(flight.mu);
+        flight.done = true;
+      }
+      flight.cv.notify_all();
+    }
+  } landing{*this, id, *mine};
+  // A flight that landed between our miss and our take-off left its key.
+  if (auto r = from_cache()) return std::move(*r);
   auto res = inner_.decrypt(req);
-  if (res && plain) cache_.put(req.ciphertext_blob, req.encryption_context, res->plaintext, res->key_id);
+  if (res) cache_.put(req.ciphertext_blob, req.encryption_context, res->plaintext, res->key_id);
   return res;
 }
 

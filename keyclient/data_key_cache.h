@@ -62,6 +62,9 @@ class DataKeyCache {
   };
   // Counts one use; expired or used-up entries are evicted and miss.
   std::optional<Hit> get(const Bytes& blob, const EncryptionContext& context);
+  // The entry id of (blob, context): SHA-256 over both, length-prefixed.
+  using Digest = std::array<std::uint8_t, 32>;
+  static Digest digest(const Bytes& blob, const EncryptionContext& context);
   void put(const Bytes& blob, const EncryptionContext& context, const crypto::SecureBuffer& plaintext,
            const std::string& key_id);
   void clear();
@@ -75,10 +78,13 @@ class DataKeyCache {
   Stats stats() const;
 
  private:
-  using Digest = std::array<std::uint8_t, 32>;
+
+ public:
   struct DigestHash {
     std::size_t operator()(const Digest& d) const noexcept;
   };
+
+ private:
   struct Entry {
     Digest id;
     crypto::SecureBuffer plaintext;
@@ -86,7 +92,6 @@ class DataKeyCache {
     std::chrono::steady_clock::time_point created;
     std::uint64_t uses = 0;
   };
-  static Digest digest(const Bytes& blob, const EncryptionContext& context);
   void evict_locked(std::list<Entry>::iterator it);
 
   DataKeyCacheOptions opts_;
@@ -97,7 +102,11 @@ class DataKeyCache {
   Stats stats_;
 };
 
-// KeyService decorator: Decrypt answered from a DataKeyCache.
+// KeyService decorator: Decrypt answered from a DataKeyCache. Concurrent
+// Decrypts of the same (blob, context) that miss make one KMS call: the
+// others wait for it and take its result from the cache ("single flight"),
+// so a key read ahead (fs/key_readahead.h) and the open that needs it at
+// the same moment cost one Decrypt and one audit record.
 class CachingKeyService final : public KeyService {
  public:
   CachingKeyService(KeyService& inner, DataKeyCacheOptions options);
@@ -116,8 +125,15 @@ class CachingKeyService final : public KeyService {
   DataKeyCache& cache() { return cache_; }
 
  private:
+  struct Flight {
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;  // guarded by mu
+  };
   KeyService& inner_;
   DataKeyCache cache_;
+  std::mutex flights_mu_;  // guards flights_
+  std::unordered_map<DataKeyCache::Digest, std::shared_ptr<Flight>, DataKeyCache::DigestHash> flights_;
 };
 
 struct PrefetchedDataKey {

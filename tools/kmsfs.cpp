@@ -111,6 +111,9 @@ Options:
       key_cache=on|off   cache data keys after close and pre-generate keys for
                          new files (default on)
       key_cache_ttl=S    seconds a cached data key stays usable (default 300)
+      key_readahead=N    when a program walks a directory, unwrap the data keys
+                         of up to N of its files at a time before they are
+                         opened (default 256; 0 = off; needs key_cache)
       debug              trace FUSE requests (implies -f)
 )";
 

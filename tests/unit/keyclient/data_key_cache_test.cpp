@@ -5,6 +5,7 @@
 #include <atomic>
 #include <chrono>
 #include <thread>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -20,6 +21,8 @@ class FakeKms final : public KeyService {
   std::atomic<int> decrypts{0};
   std::atomic<bool> down{false};
   std::atomic<int> generate_delay_ms{0};  // set while refillers run: atomic
+  std::atomic<int> decrypt_delay_ms{0};
+  std::atomic<bool> refuse_decrypt{false};
   std::atomic<int> in_flight{0};
   std::atomic<int> max_in_flight{0};
 
@@ -52,7 +55,9 @@ class FakeKms final : public KeyService {
   }
   KmsResult<DecryptResponse> decrypt(const DecryptRequest& req) override {
     if (down) return kms_error(KmsErrorCode::KMSInternalException, "down");
+    if (const int d = decrypt_delay_ms.load(); d > 0) std::this_thread::sleep_for(std::chrono::milliseconds(d));
     ++decrypts;
+    if (refuse_decrypt) return kms_error(KmsErrorCode::AccessDeniedException, "refused");
     DecryptResponse r;
     r.key_id = "arn:test";
     r.plaintext = crypto::SecureBuffer(req.ciphertext_blob.data(), 32);
@@ -104,6 +109,56 @@ TEST(CachingKeyService, DecryptWithKeyIdGoesToTheKms) {
   d.key_id = "alias/other";
   ASSERT_TRUE(svc.decrypt(d));
   EXPECT_EQ(kms.decrypts, 1);
+}
+
+TEST(CachingKeyService, ConcurrentMissesOfOneKeyMakeOneKmsCall) {
+  FakeKms kms;
+  GenerateDataKeyRequest g;
+  g.encryption_context = {{"f", "1"}};
+  auto dk = kms.generate_data_key(g);  // not through the cache: a cold key
+  ASSERT_TRUE(dk);
+  CachingKeyService svc(kms, {});
+  kms.decrypt_delay_ms = 100;  // the others arrive while the first is in the KMS
+  std::vector<std::thread> threads;
+  std::atomic<int> right{0};
+  for (int i = 0; i < 8; ++i) {
+    threads.emplace_back([&] {
+      auto p = svc.decrypt(decrypt_of(*dk, g.encryption_context));
+      if (p && p->plaintext == dk->plaintext) ++right;
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(right, 8);
+  EXPECT_EQ(kms.decrypts, 1);
+  // Another key is another flight.
+  auto other = kms.generate_data_key(g);
+  ASSERT_TRUE(svc.decrypt(decrypt_of(*other, g.encryption_context)));
+  EXPECT_EQ(kms.decrypts, 2);
+}
+
+TEST(CachingKeyService, WaitersOfAFailedFlightAskForThemselves) {
+  FakeKms kms;
+  GenerateDataKeyRequest g;
+  auto dk = kms.generate_data_key(g);
+  ASSERT_TRUE(dk);
+  CachingKeyService svc(kms, {});
+  kms.decrypt_delay_ms = 100;
+  kms.refuse_decrypt = true;
+  std::vector<std::thread> threads;
+  std::atomic<int> refused{0};
+  for (int i = 0; i < 4; ++i) {
+    threads.emplace_back([&] {
+      auto p = svc.decrypt(decrypt_of(*dk, {}));
+      if (!p && p.error().code == KmsErrorCode::AccessDeniedException) ++refused;
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(refused, 4);  // every caller gets the KMS's answer, none a stale one
+  EXPECT_GE(kms.decrypts, 2);
+  kms.refuse_decrypt = false;
+  kms.decrypt_delay_ms = 0;
+  ASSERT_TRUE(svc.decrypt(decrypt_of(*dk, {})));  // nothing was left waiting or cached
+  EXPECT_EQ(svc.cache().size(), 1u);
 }
 
 TEST(DataKeyCache, EntriesExpireByAge) {

@@ -1,0 +1,124 @@
+// Key read-ahead on a real mount (fs/key_readahead.h): a program that lists
+// a directory and reads its files gets their keys unwrapped ahead of the
+// opens, each key once; the audit trail shows one Decrypt per file of that
+// directory and none for other directories; the backing files' access times
+// stay as they were; -o key_readahead=0 turns it off.
+
+#include <dirent.h>
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <chrono>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "tests/integration/mount_fixture.h"
+
+namespace kmsfs::test {
+namespace {
+
+using namespace std::chrono_literals;
+
+// Decrypt records of file keys in the audit trail (the volume's name key
+// has another context).
+int file_key_decrypts() {
+  auto r = run_command({bin("kmsctl"), "audit", "search", "--event-name", "Decrypt", "--limit", "1000000"});
+  EXPECT_EQ(r.exit_code, 0) << r.err;
+  int n = 0;
+  for (std::size_t at = r.out.find("\"kmsfs:file\""); at != std::string::npos;
+       at = r.out.find("\"kmsfs:file\"", at + 1)) {
+    ++n;
+  }
+  return n;
+}
+
+std::vector<std::string> list_dir(const std::string& dir) {
+  std::vector<std::string> names;
+  DIR* d = ::opendir(dir.c_str());
+  EXPECT_NE(d, nullptr) << dir << ": " << std::strerror(errno);
+  if (d == nullptr) return names;
+  while (struct dirent* e = ::readdir(d)) {
+    if (std::strcmp(e->d_name, ".") != 0 && std::strcmp(e->d_name, "..") != 0) names.emplace_back(e->d_name);
+  }
+  ::closedir(d);
+  return names;
+}
+
+std::vector<std::uint8_t> content_of(int i) { return random_bytes(1000 + 37 * i, 7000 + i); }
+
+constexpr time_t kOldTime = 1000000000;  // 2001: relatime would update it on a read
+
+TEST(KeyReadaheadMount, AWalkUnwrapsADirectorysKeysOnceAheadOfTheOpens) {
+  TempKms kms;
+  Mount m(kms.root(), "ra");
+  m.mount();
+  constexpr int kFiles = 30;
+  ASSERT_EQ(::mkdir(m.path("d").c_str(), 0755), 0);
+  ASSERT_EQ(::mkdir(m.path("e").c_str(), 0755), 0);
+  for (int i = 0; i < kFiles; ++i) write_file(m.path("d/f" + std::to_string(i)), content_of(i));
+  for (int i = 0; i < 5; ++i) write_file(m.path("e/g" + std::to_string(i)), content_of(100 + i));
+  m.unmount();
+  const timespec old_times[2] = {{kOldTime, 0}, {kOldTime, 0}};
+  for (const auto& f : list_files(m.cipher())) {
+    ASSERT_EQ(::utimensat(AT_FDCWD, f.c_str(), old_times, AT_SYMLINK_NOFOLLOW), 0) << f;
+  }
+
+  m.mount();  // cold: the DEK cache is empty
+  const int before = file_key_decrypts();
+  auto names = list_dir(m.path("d"));
+  ASSERT_EQ(names.size(), static_cast<std::size_t>(kFiles));
+  const int first = std::stoi(names[0].substr(1));
+  EXPECT_EQ(read_file(m.path("d/" + names[0])), content_of(first));
+  int seen = 0;
+  for (int i = 0; i < 1000 && (seen = file_key_decrypts() - before) < kFiles; ++i) {
+    std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_EQ(seen, kFiles) << "one open after a listing should unwrap every key of the directory";
+
+  // Only the file that was read shows a new access time.
+  int touched = 0;
+  for (const auto& f : list_files(m.cipher())) {
+    if (f.find("/kmsfs.") != std::string::npos) continue;  // volume files, directory IVs
+    struct stat st {};
+    ASSERT_EQ(::lstat(f.c_str(), &st), 0);
+    if (st.st_atim.tv_sec != kOldTime) ++touched;
+  }
+  EXPECT_EQ(touched, 1);
+
+  for (const auto& n : names) EXPECT_EQ(read_file(m.path("d/" + n)), content_of(std::stoi(n.substr(1))));
+  // Each key once (an open and the read-ahead of its key at the same moment
+  // share one Decrypt); directory e was neither listed nor read: none of
+  // its keys.
+  EXPECT_EQ(file_key_decrypts() - before, kFiles);
+  m.unmount();
+
+  // Off: a listing and three reads cost three Decrypts.
+  m.mount({"-o", "key_readahead=0"});
+  const int before_off = file_key_decrypts();
+  names = list_dir(m.path("d"));
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(read_file(m.path("d/" + names[i])), content_of(std::stoi(names[i].substr(1))));
+  }
+  std::this_thread::sleep_for(200ms);
+  EXPECT_EQ(file_key_decrypts() - before_off, 3);
+  m.unmount();
+}
+
+TEST(KeyReadaheadMount, BadOptionValuesAreRefusedByName) {
+  TempKms kms;
+  Mount m(kms.root(), "ra-opts");
+  for (const char* bad : {"key_readahead=-1", "key_readahead=lots", "key_readahead=70000", "key_readahead=5x"}) {
+    auto r = run_command({bin("kmsfs"), "mount", "-o", bad, m.cipher(), m.mnt()});
+    EXPECT_EQ(r.exit_code, 2) << bad << ": " << r.err;
+    EXPECT_NE(r.err.find("key_readahead"), std::string::npos) << r.err;
+    EXPECT_FALSE(is_mountpoint(m.mnt()));
+  }
+}
+
+}  // namespace
+}  // namespace kmsfs::test

@@ -1,0 +1,260 @@
+// KeyReadahead on a real directory of real headers: when it starts, what it
+// reads, in which order, and what it leaves alone. The warm function
+// records the file ids it is handed instead of calling a KMS.
+
+#include "fs/key_readahead.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <atomic>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <mutex>
+#include <set>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace kmsfs::fs {
+namespace {
+
+namespace stdfs = std::filesystem;
+using namespace std::chrono_literals;
+
+class KeyReadaheadTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/kmsfs-readahead-XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    root_ = tmpl;
+  }
+  void TearDown() override { stdfs::remove_all(root_); }
+
+  // A file whose header carries file id {n, 0, ...}.
+  void make_file(const std::string& rel, std::uint8_t n, std::size_t payload = 100) {
+    crypto::FileHeader h;
+    h.file_id[0] = n;
+    h.wrapped_key.assign(40, n);
+    auto bytes = h.encode();
+    std::string data(reinterpret_cast<const char*>(bytes.data()), bytes.size());
+    data.append(payload, 'x');
+    int fd = ::open((root_ + "/" + rel).c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0600);
+    ASSERT_GE(fd, 0) << rel;
+    ASSERT_EQ(::write(fd, data.data(), data.size()), static_cast<ssize_t>(data.size()));
+    ::close(fd);
+  }
+  KeyReadahead::DirId id_of(const std::string& rel) const {
+    struct stat st {};
+    EXPECT_EQ(::stat((root_ + "/" + rel).c_str(), &st), 0);
+    return {st.st_dev, st.st_ino};
+  }
+  std::function<UniqueFd()> opener(const std::string& rel) {
+    return [this, rel] {
+      opened_++;
+      return UniqueFd(::open((root_ + "/" + rel).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    };
+  }
+  KeyReadahead::WarmFn recorder(KeyReadahead::Warmed answer = KeyReadahead::Warmed::kOk) {
+    return [this, answer](const crypto::FileHeader& h) {
+      std::lock_guard lock(mu_);
+      warmed_.push_back(h.file_id[0]);
+      return answer;
+    };
+  }
+  std::vector<std::uint8_t> warmed() {
+    std::lock_guard lock(mu_);
+    return warmed_;
+  }
+  // Waits until `n` headers were warmed (or 10 s passed).
+  void wait_for(std::size_t n) {
+    for (int i = 0; i < 1000 && warmed().size() < n; ++i) std::this_thread::sleep_for(10ms);
+  }
+  static KeyReadahead::InternalFn internal() {
+    return [](const char* name, bool) { return std::strncmp(name, "kmsfs.", 6) == 0; };
+  }
+
+  std::string root_;
+  std::mutex mu_;
+  std::vector<std::uint8_t> warmed_;
+  std::atomic<int> opened_{0};
+};
+
+TEST_F(KeyReadaheadTest, AColdOpenAfterAListingReadsTheDirectorysHeaders) {
+  ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
+  for (std::uint8_t i = 1; i <= 20; ++i) make_file("d/f" + std::to_string(i), i);
+  make_file("d/kmsfs.diriv", 99);                       // internal: passed over
+  make_file("d/.hidden", 98);                           // dot names: passed over
+  ASSERT_EQ(::mkdir((root_ + "/d/sub").c_str(), 0700), 0);  // not a file
+  make_file("d/sub/deeper", 97);                         // not this directory
+  ASSERT_EQ(::mkfifo((root_ + "/d/fifo").c_str(), 0600), 0);  // must not block
+  make_file("d/empty", 96, 0);
+  ASSERT_EQ(::truncate((root_ + "/d/empty").c_str(), 10), 0);  // shorter than a header
+  {
+    int fd = ::open((root_ + "/d/garbage").c_str(), O_WRONLY | O_CREAT, 0600);
+    std::string junk(300, 'j');
+    ASSERT_EQ(::write(fd, junk.data(), junk.size()), 300);
+    ::close(fd);
+  }
+
+  KeyReadahead ra(recorder(), internal(), {});
+  const auto d = id_of("d");
+  ra.listed(d);
+  ra.cold_open(d, false, opener("d"));
+  wait_for(20);
+  std::this_thread::sleep_for(100ms);  // anything more would show up now
+  auto got = warmed();
+  std::set<std::uint8_t> ids(got.begin(), got.end());
+  EXPECT_EQ(got.size(), 20u);
+  EXPECT_EQ(ids.size(), 20u);
+  EXPECT_EQ(*ids.begin(), 1);
+  EXPECT_EQ(*ids.rbegin(), 20);
+  EXPECT_EQ(opened_, 1);
+  EXPECT_EQ(ra.stats().headers, 20u);
+  EXPECT_EQ(ra.stats().warmed, 20u);
+
+  // Further cold opens there start nothing: the directory was read.
+  ra.listed(d);
+  ra.cold_open(d, false, opener("d"));
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(warmed().size(), 20u);
+  EXPECT_EQ(opened_, 1);
+}
+
+TEST_F(KeyReadaheadTest, OneColdOpenWithoutAListingStartsNothingTheSecondDoes) {
+  ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
+  for (std::uint8_t i = 1; i <= 5; ++i) make_file("d/f" + std::to_string(i), i);
+  KeyReadahead ra(recorder(), internal(), {});
+  const auto d = id_of("d");
+  ra.cold_open(d, false, opener("d"));  // `cat one-file`: no read-ahead
+  std::this_thread::sleep_for(100ms);
+  EXPECT_TRUE(warmed().empty());
+  EXPECT_EQ(opened_, 0);
+  ra.cold_open(d, false, opener("d"));  // a second one within a second: a walk
+  wait_for(5);
+  EXPECT_EQ(warmed().size(), 5u);
+}
+
+TEST_F(KeyReadaheadTest, ALongOrStaleWalkStartsNothing) {
+  ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
+  for (std::uint8_t i = 1; i <= 3; ++i) make_file("d/f" + std::to_string(i), i);
+  KeyReadaheadOptions o;
+  o.listed_window = 50ms;
+  o.cold_open_window = 50ms;
+  KeyReadahead ra(recorder(), internal(), o);
+  const auto d = id_of("d");
+  ra.listed(d);
+  std::this_thread::sleep_for(120ms);
+  ra.cold_open(d, false, opener("d"));
+  std::this_thread::sleep_for(120ms);
+  ra.cold_open(d, false, opener("d"));
+  std::this_thread::sleep_for(100ms);
+  EXPECT_TRUE(warmed().empty());
+  EXPECT_EQ(opened_, 0);
+}
+
+TEST_F(KeyReadaheadTest, BigDirectoriesAreReadInChunksAsTheWalkGoesOn) {
+  ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
+  for (std::uint8_t i = 1; i <= 25; ++i) make_file("d/f" + std::to_string(i), i);
+  KeyReadaheadOptions o;
+  o.max_files = 10;
+  KeyReadahead ra(recorder(), internal(), o);
+  const auto d = id_of("d");
+  ra.listed(d);
+  ra.cold_open(d, false, opener("d"));
+  wait_for(10);
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(warmed().size(), 10u);
+  ra.cold_open(d, false, opener("d"));  // the walk reached the unread part
+  wait_for(20);
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(warmed().size(), 20u);
+  ra.cold_open(d, false, opener("d"));
+  wait_for(25);
+  std::this_thread::sleep_for(100ms);
+  ra.cold_open(d, false, opener("d"));  // nothing left
+  std::this_thread::sleep_for(100ms);
+  auto got = warmed();
+  EXPECT_EQ(got.size(), 25u);
+  EXPECT_EQ(std::set<std::uint8_t>(got.begin(), got.end()).size(), 25u) << "a file read twice";
+  EXPECT_EQ(ra.stats().chunks, 3u);
+}
+
+TEST_F(KeyReadaheadTest, ARefusalStopsTheDirectory) {
+  ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
+  for (std::uint8_t i = 1; i <= 200; ++i) make_file("d/f" + std::to_string(i), i);
+  KeyReadaheadOptions o;
+  o.threads = 1;
+  KeyReadahead ra(recorder(KeyReadahead::Warmed::kStop), internal(), o);
+  const auto d = id_of("d");
+  ra.listed(d);
+  ra.cold_open(d, false, opener("d"));
+  wait_for(1);
+  std::this_thread::sleep_for(200ms);
+  EXPECT_EQ(warmed().size(), 1u);
+  // And it does not start over while the walk goes on.
+  ra.cold_open(d, false, opener("d"));
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(warmed().size(), 1u);
+}
+
+TEST_F(KeyReadaheadTest, ReadingAheadLeavesAccessTimesAlone) {
+  if (::geteuid() != 0) GTEST_SKIP() << "O_NOATIME on files of another owner needs root";
+  ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
+  for (std::uint8_t i = 1; i <= 4; ++i) make_file("d/f" + std::to_string(i), i);
+  const timespec old_times[2] = {{1000000000, 0}, {1000000000, 0}};  // 2001: relatime would update
+  for (int i = 1; i <= 4; ++i) {
+    ASSERT_EQ(::utimensat(AT_FDCWD, (root_ + "/d/f" + std::to_string(i)).c_str(), old_times, 0), 0);
+  }
+  KeyReadahead ra(recorder(), internal(), {});
+  const auto d = id_of("d");
+  ra.listed(d);
+  ra.cold_open(d, false, opener("d"));
+  wait_for(4);
+  ASSERT_EQ(warmed().size(), 4u);
+  for (int i = 1; i <= 4; ++i) {
+    struct stat st {};
+    ASSERT_EQ(::stat((root_ + "/d/f" + std::to_string(i)).c_str(), &st), 0);
+    EXPECT_EQ(st.st_atim.tv_sec, 1000000000) << "f" << i;
+  }
+}
+
+TEST_F(KeyReadaheadTest, ZeroFilesIsOffAndStoppingWithQueuedWorkIsClean) {
+  ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
+  for (std::uint8_t i = 1; i <= 50; ++i) make_file("d/f" + std::to_string(i), i);
+  {
+    KeyReadaheadOptions off;
+    off.max_files = 0;
+    KeyReadahead ra(recorder(), internal(), off);
+    EXPECT_FALSE(ra.enabled());
+    ra.listed(id_of("d"));
+    ra.cold_open(id_of("d"), false, opener("d"));
+    std::this_thread::sleep_for(50ms);
+    EXPECT_TRUE(warmed().empty());
+  }
+  {
+    // A slow warm function: the destructor runs with most files queued.
+    KeyReadaheadOptions o;
+    o.threads = 2;
+    KeyReadahead ra(
+        [this](const crypto::FileHeader& h) {
+          std::this_thread::sleep_for(20ms);
+          std::lock_guard lock(mu_);
+          warmed_.push_back(h.file_id[0]);
+          return KeyReadahead::Warmed::kOk;
+        },
+        internal(), o);
+    ra.listed(id_of("d"));
+    ra.cold_open(id_of("d"), false, opener("d"));
+    wait_for(1);
+  }
+  EXPECT_LT(warmed().size(), 50u);
+}
+
+}  // namespace
+}  // namespace kmsfs::fs
