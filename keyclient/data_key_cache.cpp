@@ -221,6 +221,7 @@ DataKeyPrefetcher::~DataKeyPrefetcher() {
 std::optional<PrefetchedDataKey> DataKeyPrefetcher::take() {
   std::optional<PrefetchedDataKey> out;
   std::list<Pooled> stale;  // destroyed (cleansed) outside the lock
+  bool wake = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     const auto now = Clock::now();
@@ -233,8 +234,13 @@ std::optional<PrefetchedDataKey> DataKeyPrefetcher::take() {
       // Files are made faster than the pool refills: keep more ready.
       target_ = std::min(target_ * 2, opts_.max_pool_size);
     }
+    // A burst starts at half the target (want_refill_locked): wake the
+    // refillers then, not at every take (a futex wake and a context switch
+    // each, per file created).
+    const std::size_t have = pool_.size() + in_flight_;
+    wake = !refilling_ && have <= target_ / 2;
   }
-  cv_.notify_all();
+  if (wake) cv_.notify_all();
   return out;
 }
 
@@ -264,7 +270,13 @@ bool DataKeyPrefetcher::want_refill_locked(Clock::time_point now, std::list<Pool
     target_ = opts_.pool_size;  // idle: back to the base size, and no refill
     return false;
   }
-  return pool_.size() + in_flight_ < target_ && now >= retry_at_;
+  const std::size_t have = pool_.size() + in_flight_;
+  if (have >= target_) {
+    refilling_ = false;
+  } else if (have <= target_ / 2) {
+    refilling_ = true;
+  }
+  return refilling_ && have < target_ && now >= retry_at_;
 }
 
 void DataKeyPrefetcher::run() {

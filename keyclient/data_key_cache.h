@@ -14,8 +14,9 @@
 // - DataKeyPrefetcher: a small pool of pre-generated (file id, DEK, wrapped
 //   DEK) triples for one filesystem, refilled by background threads, so a
 //   file create does not wait for the KMS (the HSM call and the audit
-//   record's disk flush). Several refills run at once, so that their audit
-//   flushes are shared (group commit). The encryption context binds the
+//   record's disk flush). Refills come in bursts (from half the target
+//   back to full) with several calls at once, so that their audit flushes
+//   are shared (group commit). The encryption context binds the
 //   file id, so the prefetcher makes the file id too. An idle pool is not
 //   topped up: keys that age out while nobody creates files are dropped and
 //   made again only when files are created again, so an idle mount adds no
@@ -198,6 +199,11 @@ class DataKeyPrefetcher {
   std::list<Pooled> pool_;
   std::size_t in_flight_ = 0;
   std::size_t target_;
+  // Refills come in bursts: they start when the pool (with the calls in
+  // flight) falls to half the target and go on until it is full, so that
+  // several GenerateDataKey calls run at once and share their audit flush
+  // (a refill per take would flush once per key).
+  bool refilling_ = false;
   Clock::time_point last_take_;   // demand: refill only within max_age of a take
   Clock::time_point retry_at_{};  // while the KMS fails: next attempt
   std::chrono::milliseconds backoff_;

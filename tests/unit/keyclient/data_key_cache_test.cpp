@@ -249,6 +249,32 @@ TEST(DataKeyPrefetcher, EmptyPoolWhileTheKmsIsDown) {
 
 // The refill of a drained pool runs several GenerateDataKey calls at once
 // (so that the core's audit flushes are shared), never more than asked.
+TEST(DataKeyPrefetcher, RefillsComeInBurstsFromHalfTheTarget) {
+  FakeKms kms;
+  DataKeyPrefetcherOptions o;
+  o.pool_size = 8;
+  o.refillers = 4;
+  DataKeyPrefetcher pf(kms, "k", "AES_256", [](const auto&) { return EncryptionContext{}; }, o);
+  for (int i = 0; i < 500 && pf.available() < 8; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  ASSERT_EQ(pf.available(), 8u);
+  ASSERT_EQ(kms.generates.load(), 8);
+  // Down to 5 of 8: no refill yet (a refill per take would flush the audit
+  // log once per key).
+  for (int i = 0; i < 3; ++i) ASSERT_TRUE(pf.take());
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  EXPECT_EQ(pf.available(), 5u);
+  EXPECT_EQ(kms.generates.load(), 8);
+  // Down to 4, half the target: one burst fills it again, with several
+  // calls in flight at once.
+  kms.generate_delay_ms = 100;
+  kms.max_in_flight = 0;
+  ASSERT_TRUE(pf.take());
+  for (int i = 0; i < 500 && pf.available() < 8; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(pf.available(), 8u);
+  EXPECT_EQ(kms.generates.load(), 12);
+  EXPECT_GE(kms.max_in_flight.load(), 2);
+}
+
 TEST(DataKeyPrefetcher, RefillsWithSeveralCallsInFlight) {
   FakeKms kms;
   kms.generate_delay_ms = 150;
