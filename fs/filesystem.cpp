@@ -512,8 +512,17 @@ void Filesystem::rmdir(fuse_req_t req, fuse_ino_t parent, const char* name) {
 
 int Filesystem::park_dir_iv(int parent_fd, const std::string& backing_name, ParkedDirIv& parked) {
   parked = ParkedDirIv{};
-  UniqueFd dfd(::openat(parent_fd, backing_name.c_str(), O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC));
+  // O_NOATIME: the scan below must not set the access time (a failed rmdir
+  // leaves the directory as it was); not allowed unless the owner or
+  // CAP_FOWNER, then without.
+  const int flags = O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC;
+  UniqueFd dfd(::openat(parent_fd, backing_name.c_str(), flags | O_NOATIME));
+  if (!dfd.valid() && errno == EPERM) dfd.reset(::openat(parent_fd, backing_name.c_str(), flags));
   if (!dfd.valid()) return errno;
+  struct stat st {};  // before the scan below, which sets the access time
+  if (::fstat(dfd.get(), &st) != 0) return errno;
+  parked.times[0] = st.st_atim;
+  parked.times[1] = st.st_mtim;
   {
     UniqueFd scan_fd(::dup(dfd.get()));
     UniqueDir scan(scan_fd.valid() ? ::fdopendir(scan_fd.get()) : nullptr);
@@ -545,7 +554,14 @@ void Filesystem::unpark_dir_iv(int parent_fd, ParkedDirIv& parked) {
 }
 
 void Filesystem::drop_parked_dir_iv(int parent_fd, ParkedDirIv& parked) {
-  if (parked.dir.valid()) (void)::unlinkat(parent_fd, parked.name.c_str(), 0);
+  if (parked.dir.valid()) {
+    // The directory is gone (removed or replaced): nothing but the IV's
+    // move changed its times since park_dir_iv, so they can go back. (After
+    // a failed rmdir, unpark_dir_iv leaves them: another thread may have
+    // changed the directory meanwhile.)
+    (void)::futimens(parked.dir.get(), parked.times);
+    (void)::unlinkat(parent_fd, parked.name.c_str(), 0);
+  }
   parked = ParkedDirIv{};
 }
 

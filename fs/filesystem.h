@@ -149,6 +149,10 @@ class Filesystem {
   struct ParkedDirIv {
     UniqueFd dir;      // the directory the IV came from (invalid: none parked)
     std::string name;  // its parked name in the parent
+    // The directory's access and modification times before the IV moved
+    // out (which set its mtime): put back once the directory is removed,
+    // so that an fd still open on it shows what the program last set.
+    timespec times[2]{};
   };
   static int park_dir_iv(int parent_fd, const std::string& backing_name, ParkedDirIv& parked);
   static void unpark_dir_iv(int parent_fd, ParkedDirIv& parked);
