@@ -14,6 +14,7 @@
 #include "crypto/aes_gcm.h"
 #include "crypto/block_layout.h"
 #include "crypto/random.h"
+#include "fs/thread_buffer.h"
 
 namespace kmsfs::fs {
 
@@ -31,10 +32,9 @@ std::shared_ptr<spdlog::logger> logger() {
 
 // Per-thread scratch so that the hot paths do not allocate per request
 // after warm-up. Grows to the largest request seen (1 MiB max_write).
-std::vector<std::uint8_t>& scratch(std::size_t n) {
-  thread_local std::vector<std::uint8_t> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf;
+std::uint8_t* scratch(std::size_t n) {
+  thread_local ThreadBuffer buf;
+  return buf.get(n);
 }
 
 bool all_zero(const std::uint8_t* p, std::size_t n) {
@@ -106,9 +106,9 @@ long EncryptedFile::read(std::uint64_t plain_size, std::uint64_t off,
       bl::stored_offset(last) + bl::block_plain_len(last, plain_size) + bl::kBlockOverhead;
   const std::size_t stored_len = stored_end - stored_begin;
 
-  auto& buf = scratch(stored_len + bl::kBlockSize);
-  std::uint8_t* stored = buf.data();
-  std::uint8_t* plain_tmp = buf.data() + stored_len;
+  std::uint8_t* const buf = scratch(stored_len + bl::kBlockSize);
+  std::uint8_t* stored = buf;
+  std::uint8_t* plain_tmp = buf + stored_len;
   std::size_t got = 0;
   while (got < stored_len) {
     ssize_t n = ::pread(fd_, stored + got, stored_len - got, static_cast<off_t>(stored_begin + got));
@@ -214,9 +214,9 @@ long EncryptedFile::write(std::uint64_t plain_size, std::uint64_t off,
       bl::stored_offset(last) + bl::block_plain_len(last, new_size) + bl::kBlockOverhead;
   if (int rc = preallocate(stored_begin, stored_end - stored_begin); rc != 0) return rc;
 
-  auto& buf = scratch((stored_end - stored_begin) + bl::kBlockSize);
-  std::uint8_t* out = buf.data();
-  std::uint8_t* plain = buf.data() + (stored_end - stored_begin);
+  std::uint8_t* const buf = scratch((stored_end - stored_begin) + bl::kBlockSize);
+  std::uint8_t* out = buf;
+  std::uint8_t* plain = buf + (stored_end - stored_begin);
 
   if (pad_tail) {
     const std::uint64_t old_len = bl::block_plain_len(tail, plain_size);

@@ -23,6 +23,7 @@
 #include "crypto/aes_gcm.h"
 #include "fs/header_lock.h"
 #include "fs/killpriv.h"
+#include "fs/thread_buffer.h"
 #include "fs/volume.h"
 
 namespace kmsfs::fs {
@@ -963,8 +964,8 @@ void Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name, mod
 void Filesystem::read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
   Inode& inode = inode_of(ino);
   const int fd = static_cast<int>(fi->fh);
-  thread_local std::vector<std::uint8_t> out;
-  if (out.size() < size) out.resize(size);
+  thread_local ThreadBuffer out_buffer;
+  std::uint8_t* const out = out_buffer.get(size);
   long n = 0;
   {
     std::shared_lock lock(inode.content);
@@ -996,11 +997,11 @@ void Filesystem::read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fu
         label = "'" + inode.label + "' (backing inode " + std::to_string(inode.ino) + ")";
       }
       EncryptedFile file(fd, *key, label);
-      n = file.read(plain, static_cast<std::uint64_t>(off), std::span(out.data(), size));
+      n = file.read(plain, static_cast<std::uint64_t>(off), std::span(out, size));
     }
   }
   if (n < 0) return (void)fuse_reply_err(req, static_cast<int>(-n));
-  fuse_reply_buf(req, reinterpret_cast<const char*>(out.data()), static_cast<size_t>(n));
+  fuse_reply_buf(req, reinterpret_cast<const char*>(out), static_cast<size_t>(n));
 }
 
 void Filesystem::write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t size, off_t off,
