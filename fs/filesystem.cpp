@@ -682,15 +682,22 @@ void Filesystem::note_cold_open(Inode& inode) {
 }
 
 UniqueFd Filesystem::open_known_dir(std::pair<dev_t, ino_t> dir) {
-  std::lock_guard lock(table_mutex_);  // the inode cannot be forgotten meanwhile
-  const Inode* d = nullptr;
   if (dir.first == root_.dev && dir.second == root_.ino) {
-    d = &root_;
-  } else if (auto it = inodes_.find(dir); it != inodes_.end()) {
-    d = it->second.get();
+    return UniqueFd(::openat(root_.fd.get(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   }
-  if (d == nullptr || d->type != S_IFDIR) return UniqueFd();
-  return UniqueFd(::openat(d->fd.get(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  Inode* d = nullptr;
+  {
+    // A lookup reference keeps the inode (and its fd) alive across the
+    // openat, which runs without the table mutex.
+    std::lock_guard lock(table_mutex_);
+    auto it = inodes_.find(dir);
+    if (it == inodes_.end() || it->second->type != S_IFDIR) return UniqueFd();
+    d = it->second.get();
+    d->nlookup++;
+  }
+  UniqueFd fd(::openat(d->fd.get(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+  forget(ino_of(*d), 1);
+  return fd;
 }
 
 Result<std::shared_ptr<const FileKey>, int> Filesystem::key_for_write(

@@ -197,6 +197,11 @@ Result<void, std::string> VolumeConfig::save(const std::string& cipherdir) const
   return write_atomically(cipherdir, kFileName, j.dump(2) + "\n", 0600);
 }
 
+unsigned default_max_threads() {
+  const long cpus = ::sysconf(_SC_NPROCESSORS_ONLN);
+  return static_cast<unsigned>(std::clamp<long>(2 * std::max<long>(cpus, 1), 4, 10));
+}
+
 Result<MountOptions, std::string> parse_mount_options(const std::string& opts, MountOptions base) {
   std::stringstream ss(opts);
   std::string item;
@@ -495,7 +500,8 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
 
   fuse_loop_config* cfg = fuse_loop_cfg_create();
   fuse_loop_cfg_set_clone_fd(cfg, 1);
-  fuse_loop_cfg_set_max_threads(cfg, opts.max_threads);
+  const unsigned max_threads = opts.max_threads != 0 ? opts.max_threads : default_max_threads();
+  fuse_loop_cfg_set_max_threads(cfg, max_threads);
   // idle_timeout: a watchdog unmounts once no file or directory is open
   // and no request came for that long. A busy mount point (a shell's cwd)
   // makes the unmount fail with EBUSY: then it simply keeps serving.

@@ -63,7 +63,10 @@ struct MountOptions {
   double attr_timeout = 1.0;        // seconds
   bool writeback_cache = true;
   bool kernel_cache = false;
-  unsigned max_threads = 10;
+  // FUSE worker threads; 0 = default_max_threads(). Writes to one file take
+  // its lock in turn, so threads beyond what the CPUs run at once only add
+  // wake-ups; the ones above the CPUs serve requests that wait (fsync, KMS).
+  unsigned max_threads = 0;
   bool key_cache = true;            // key_cache=on|off: DEK cache and data-key prefetch
   double key_cache_ttl = 300;       // key_cache_ttl=SECONDS
   // key_readahead=N: when a program walks a directory, unwrap the keys of up
@@ -75,6 +78,9 @@ struct MountOptions {
   // attribute, entry or page caching and no writeback cache.
   bool shared_storage = false;
 };
+
+// Two per CPU, at least 4, at most 10 (libfuse's own default).
+unsigned default_max_threads();
 
 // Parses a comma-separated "-o" string into `base`. Unknown options are an
 // error naming the option.
