@@ -21,7 +21,7 @@ BUILD=${KMSFS_TSAN_BUILD_DIR:-$ROOT/build-tsan}
 JOBS=${KMSFS_JOBS:-$(nproc)}
 [[ ${1:-} == --jobs ]] && JOBS=$2
 cmake -S "$ROOT" -B "$BUILD" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKMSFS_TSAN=ON >/dev/null || exit 1
-cmake --build "$BUILD" -j "$JOBS" --target kmsfs kmsctl kmsd kmsfs_difftest keyclient_unit_tests kmsd_tests || exit 1
+cmake --build "$BUILD" -j "$JOBS" --target kmsfs kmsctl kmsd kmsfs_difftest keyclient_unit_tests fs_unit_tests kmsd_tests || exit 1
 # halt_on_error: the first race fails the run; second_deadlock_stack for
 # lock-order reports. Logs of the server land in its volume's .log file.
 export TSAN_OPTIONS="halt_on_error=1:second_deadlock_stack=1:exitcode=66:${TSAN_OPTIONS:-}"
@@ -30,9 +30,10 @@ DIFF=$BUILD/tests/stress/kmsfs_difftest
 "$DIFF" --seed 11 --ops 3000 --threads 4 --shrink-seconds 0 || failed=1
 "$DIFF" --seed 12 --ops 3000 --threads 2 --mount-opts no_writeback_cache --shrink-seconds 0 || failed=1
 "$DIFF" --seed 13 --ops 2000 --shrink-seconds 0 || failed=1
-CONCURRENT='AuditLog.ConcurrentAppendersKeepOneChain:DataKeyCache.ConcurrentUseIsSafe:DataKeyPrefetcher.*'
+CONCURRENT='AuditLog.ConcurrentAppendersKeepOneChain:DataKeyCache.ConcurrentUseIsSafe:DataKeyPrefetcher.*:CachingKeyService.*'
 CONCURRENT+=':KmsCoreTest.DefaultManagedKeyIsCreatedOnceByTwoCores:KmsCoreTest.TwoCoresCreatingConcurrentlyLoseNothing'
 CONCURRENT+=':KmsCoreMaintenance.*:Pkcs11Hsm.ConcurrentCallersShareASmallPool:BoundedHsm.*'
 "$BUILD/tests/unit/keyclient/keyclient_unit_tests" --gtest_filter="$CONCURRENT" || failed=1
+"$BUILD/tests/unit/fs/fs_unit_tests" --gtest_filter='KeyReadaheadTest.*' || failed=1
 "$BUILD/tests/integration/kmsd_tests" --gtest_filter='Kmsd.FiftyConcurrentClientsGetCorrectDataKeys' || failed=1
 exit $failed
