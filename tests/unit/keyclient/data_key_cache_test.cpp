@@ -247,15 +247,22 @@ TEST(DataKeyPrefetcher, EmptyPoolWhileTheKmsIsDown) {
   kms.down = false;
 }
 
-// The refill of a drained pool runs several GenerateDataKey calls at once
-// (so that the core's audit flushes are shared), never more than asked.
-TEST(DataKeyPrefetcher, RefillsComeInBurstsFromHalfTheTarget) {
-  FakeKms kms;
+// A pool of 8 kept by 4 refillers, filled.
+DataKeyPrefetcherOptions eight_keys_four_refillers() {
   DataKeyPrefetcherOptions o;
   o.pool_size = 8;
   o.refillers = 4;
-  DataKeyPrefetcher pf(kms, "k", "AES_256", [](const auto&) { return EncryptionContext{}; }, o);
-  for (int i = 0; i < 500 && pf.available() < 8; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  return o;
+}
+void wait_until_available(const DataKeyPrefetcher& pf, std::size_t n) {
+  for (int i = 0; i < 500 && pf.available() < n; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+}
+
+TEST(DataKeyPrefetcher, RefillsComeInBurstsFromHalfTheTarget) {
+  FakeKms kms;
+  DataKeyPrefetcher pf(kms, "k", "AES_256", [](const auto&) { return EncryptionContext{}; },
+                       eight_keys_four_refillers());
+  wait_until_available(pf, 8);
   ASSERT_EQ(pf.available(), 8u);
   ASSERT_EQ(kms.generates.load(), 8);
   // Down to 5 of 8: no refill yet (a refill per take would flush the audit
@@ -269,20 +276,20 @@ TEST(DataKeyPrefetcher, RefillsComeInBurstsFromHalfTheTarget) {
   kms.generate_delay_ms = 100;
   kms.max_in_flight = 0;
   ASSERT_TRUE(pf.take());
-  for (int i = 0; i < 500 && pf.available() < 8; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  wait_until_available(pf, 8);
   EXPECT_EQ(pf.available(), 8u);
   EXPECT_EQ(kms.generates.load(), 12);
   EXPECT_GE(kms.max_in_flight.load(), 2);
 }
 
+// The refill of a drained pool runs several GenerateDataKey calls at once
+// (so that the core's audit flushes are shared), never more than asked.
 TEST(DataKeyPrefetcher, RefillsWithSeveralCallsInFlight) {
   FakeKms kms;
   kms.generate_delay_ms = 150;
-  DataKeyPrefetcherOptions o;
-  o.pool_size = 8;
-  o.refillers = 4;
-  DataKeyPrefetcher pf(kms, "k", "AES_256", [](const auto&) { return EncryptionContext{}; }, o);
-  for (int i = 0; i < 500 && pf.available() < 8; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  DataKeyPrefetcher pf(kms, "k", "AES_256", [](const auto&) { return EncryptionContext{}; },
+                       eight_keys_four_refillers());
+  wait_until_available(pf, 8);
   ASSERT_EQ(pf.available(), 8u);
   EXPECT_GE(kms.max_in_flight.load(), 2);
   EXPECT_LE(kms.max_in_flight.load(), 4);
