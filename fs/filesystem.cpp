@@ -1,6 +1,7 @@
 #include "fs/filesystem.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <linux/limits.h>
@@ -217,13 +218,36 @@ int Filesystem::stat_inode(Inode& inode, struct stat* st) {
   return 0;
 }
 
+int Filesystem::note_open_error(int err) {
+  if (err != EMFILE && err != ENFILE) return err;
+  static std::atomic<std::int64_t> last_log{0};
+  const auto now = static_cast<std::int64_t>(now_seconds());
+  std::int64_t last = last_log.load();
+  if (now - last >= 30 && last_log.compare_exchange_strong(last, now)) {
+    struct rlimit lim {};
+    (void)::getrlimit(RLIMIT_NOFILE, &lim);
+    std::size_t inodes = 0;
+    {
+      std::lock_guard lock(table_mutex_);
+      inodes = inodes_.size();
+    }
+    logger()->error(
+        "cannot open a backing file: {} (descriptor limit {}, {} inodes known): kmsfs keeps a "
+        "descriptor for every file and directory the kernel remembers; raise the limit "
+        "(LimitNOFILE= in the unit, ulimit -n) or let the kernel forget inodes "
+        "(echo 2 > /proc/sys/vm/drop_caches)",
+        std::strerror(err), static_cast<unsigned long>(lim.rlim_cur), inodes);
+  }
+  return err;
+}
+
 int Filesystem::do_lookup(Inode& parent, const char* name, fuse_entry_param* e) {
   std::memset(e, 0, sizeof *e);
   e->attr_timeout = settings_.attr_timeout;
   e->entry_timeout = settings_.entry_timeout;
 
   UniqueFd fd(::openat(parent.fd.get(), name, O_PATH | O_NOFOLLOW | O_CLOEXEC));
-  if (!fd.valid()) return errno;
+  if (!fd.valid()) return note_open_error(errno);
   struct stat st {};
   if (::fstatat(fd.get(), "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno;
 
@@ -828,7 +852,7 @@ void Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   if (!fd.valid() && errno == EACCES && !wants_write) {
     fd.reset(::open(path.c_str(), backing_flags(fi->flags, true)));
   }
-  if (!fd.valid()) return (void)fuse_reply_err(req, errno);
+  if (!fd.valid()) return (void)fuse_reply_err(req, note_open_error(errno));
 
   {
     std::lock_guard lock(inode.state_mutex);
@@ -908,7 +932,7 @@ void Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name, mod
     }
   }
   if (!fd.valid()) {
-    int err = errno;
+    int err = note_open_error(errno);
     if (err != EEXIST) undo_long_name(p, b);
     return (void)fuse_reply_err(req, err);
   }
@@ -1073,7 +1097,7 @@ void Filesystem::fsync(fuse_req_t req, fuse_ino_t, int datasync, fuse_file_info*
 void Filesystem::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Inode& inode = inode_of(ino);
   UniqueFd fd(::openat(inode.fd.get(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  if (!fd.valid()) return (void)fuse_reply_err(req, errno);
+  if (!fd.valid()) return (void)fuse_reply_err(req, note_open_error(errno));
   auto handle = std::make_unique<DirHandle>();
   if (names_.encrypted()) {
     if (int err = dir_iv(inode, handle->iv); err != 0) return (void)fuse_reply_err(req, err);

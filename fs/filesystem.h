@@ -166,6 +166,9 @@ class Filesystem {
   Result<std::shared_ptr<const FileKey>, int> key_for_write(Inode& inode, int fd,
                                                             std::unique_lock<std::shared_mutex>& lock);
   void drop_key_if_closed(Inode& inode);
+  // Returns `err`; for EMFILE/ENFILE first logs (at most every 30 s) what
+  // to do about it.
+  int note_open_error(int err);
   // A cold open of `inode`: tells the key read-ahead.
   void note_cold_open(Inode& inode);
   // An O_RDONLY descriptor of the directory (dev, ino) while an inode of the

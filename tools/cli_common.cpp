@@ -6,6 +6,7 @@
 #include <sys/prctl.h>
 #include <sys/resource.h>
 
+#include <cstdio>
 #include <cstdlib>
 #include <iostream>
 #include <optional>
@@ -162,6 +163,27 @@ void refuse_core_dumps() {
     lim.rlim_cur = lim.rlim_max >= 1 ? 1 : 0;
     (void)::setrlimit(RLIMIT_CORE, &lim);
   }
+}
+
+unsigned long raise_open_file_limit() {
+  struct rlimit lim {};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) != 0) return 0;
+  rlim_t ceiling = 0;
+  if (std::FILE* f = std::fopen("/proc/sys/fs/nr_open", "r"); f != nullptr) {
+    unsigned long v = 0;
+    if (std::fscanf(f, "%lu", &v) == 1) ceiling = static_cast<rlim_t>(v);
+    std::fclose(f);
+  }
+  if (ceiling > lim.rlim_max) {
+    struct rlimit raised {ceiling, ceiling};
+    if (::setrlimit(RLIMIT_NOFILE, &raised) == 0) return static_cast<unsigned long>(ceiling);
+  }
+  if (lim.rlim_cur < lim.rlim_max) {
+    lim.rlim_cur = lim.rlim_max;
+    (void)::setrlimit(RLIMIT_NOFILE, &lim);
+  }
+  (void)::getrlimit(RLIMIT_NOFILE, &lim);
+  return static_cast<unsigned long>(lim.rlim_cur);
 }
 
 }  // namespace kmsfs::cli

@@ -57,4 +57,10 @@ void setup_logging(bool verbose);
 // fs.suid_dumpable=2 would dump a non-dumpable process there anyway.
 void refuse_core_dumps();
 
+// kmsfs keeps one descriptor per file or directory the kernel remembers (an
+// O_PATH fd per inode), so a tree larger than the descriptor limit would
+// fail lookups with EMFILE. Raises the soft limit to the hard one, and, with
+// CAP_SYS_RESOURCE (root), both to fs.nr_open. Returns the soft limit now.
+unsigned long raise_open_file_limit();
+
 }  // namespace kmsfs::cli

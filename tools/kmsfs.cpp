@@ -344,6 +344,9 @@ int cmd_mount(const kmsfs::cli::GlobalOptions& g, const std::vector<std::string>
   };
   // No core dumps of a process holding data keys.
   kmsfs::cli::refuse_core_dumps();
+  // One descriptor per inode the kernel remembers (fs/filesystem.h).
+  const unsigned long fd_limit = kmsfs::cli::raise_open_file_limit();
+  spdlog::info("open file limit: {}", fd_limit);
 
   // The audit record of every call whose response carries a data key is on
   // disk before the key is used (KMSFS_AUDIT_SYNC_PLAINTEXT=0 relaxes

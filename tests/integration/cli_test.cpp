@@ -1,11 +1,15 @@
 // The command-line contract: help, exit codes, clear errors.
 
+#include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
 
+#include <cstring>
 #include <fstream>
+#include <string>
 
 #include "tests/integration/mount_fixture.h"
 
@@ -119,6 +123,38 @@ TEST_F(CliTest, VolumeOnCustomerKeyMounts) {
   write_file(vol.path("f"), {'o', 'k'});
   EXPECT_EQ(read_file(vol.path("f")), (std::vector<std::uint8_t>{'o', 'k'}));
   vol.unmount();
+}
+
+// kmsfs keeps a descriptor per inode the kernel remembers: started with a
+// soft limit of 256 (hard limit unchanged), it raises it, and a directory of
+// 600 files the kernel keeps in its cache works.
+TEST_F(CliTest, MountRaisesItsOpenFileLimit) {
+  struct rlimit saved {};
+  ASSERT_EQ(::getrlimit(RLIMIT_NOFILE, &saved), 0);
+  if (saved.rlim_max < 2048) GTEST_SKIP() << "hard descriptor limit " << saved.rlim_max << " too low to show it";
+  Mount m(kms_->root(), "fdlimit");
+  struct rlimit low = saved;
+  low.rlim_cur = 256;
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &low), 0);
+  try {
+    m.mount();  // inherits the soft limit of 256
+  } catch (...) {
+    (void)::setrlimit(RLIMIT_NOFILE, &saved);
+    throw;
+  }
+  ASSERT_EQ(::setrlimit(RLIMIT_NOFILE, &saved), 0);
+  ASSERT_EQ(::mkdir(m.path("d").c_str(), 0755), 0);
+  for (int i = 0; i < 600; ++i) {
+    const std::string f = m.path("d/f" + std::to_string(i));
+    int fd = ::open(f.c_str(), O_WRONLY | O_CREAT | O_EXCL, 0644);
+    ASSERT_GE(fd, 0) << f << ": " << std::strerror(errno);
+    ::close(fd);
+  }
+  for (int i = 0; i < 600; ++i) {
+    struct stat st {};
+    ASSERT_EQ(::stat(m.path("d/f" + std::to_string(i)).c_str(), &st), 0) << i << ": " << std::strerror(errno);
+  }
+  m.unmount();
 }
 
 TEST_F(CliTest, PinFileReadableByOthersIsRefused) {
