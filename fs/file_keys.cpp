@@ -177,12 +177,18 @@ Result<FileKeys::NewFile, int> FileKeys::create(const std::string& label) {
   return nf;
 }
 
-KeyReadahead::Warmed FileKeys::warm(const crypto::FileHeader& header) {
-  if (!cache_) return KeyReadahead::Warmed::kStop;
+keyclient::DecryptRequest FileKeys::decrypt_request(const crypto::FileHeader& header) const {
+  // No KeyId: the blob names its key, and a volume may hold files wrapped
+  // under an older key while a rewrap to a new one is under way.
   keyclient::DecryptRequest req;
   req.ciphertext_blob = header.wrapped_key;
   req.encryption_context = context_for(header.file_id);
-  auto res = cache_->decrypt(req);  // the plaintext is cleansed with `res`
+  return req;
+}
+
+KeyReadahead::Warmed FileKeys::warm(const crypto::FileHeader& header) {
+  if (!cache_) return KeyReadahead::Warmed::kStop;
+  auto res = cache_->decrypt(decrypt_request(header));  // the plaintext is cleansed with `res`
   if (res) return KeyReadahead::Warmed::kOk;
   // A damaged header concerns its file alone; anything else (a refusal, a
   // disabled key, an unavailable KMS) would likely repeat for every file.
@@ -192,12 +198,7 @@ KeyReadahead::Warmed FileKeys::warm(const crypto::FileHeader& header) {
 }
 
 Result<FileKey, int> FileKeys::open(const crypto::FileHeader& header, const std::string& label) {
-  keyclient::DecryptRequest req;
-  req.ciphertext_blob = header.wrapped_key;
-  req.encryption_context = context_for(header.file_id);
-  // No KeyId: the blob names its key, and a volume may hold files wrapped
-  // under an older key while a rewrap to a new one is under way.
-  auto res = service().decrypt(req);
+  auto res = service().decrypt(decrypt_request(header));
   if (!res) {
     log_failure("cannot open " + label + ": the KMS refused its data key", res.error());
     return unexpected(errno_for(res.error()));

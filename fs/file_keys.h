@@ -76,6 +76,7 @@ class FileKeys {
 
  private:
   keyclient::KeyService& service() { return cache_ ? *cache_ : kms_; }
+  keyclient::DecryptRequest decrypt_request(const crypto::FileHeader& header) const;
   // Logs a KMS failure: unavailability rate-limited, refusals per file.
   void log_failure(const std::string& what, const keyclient::KmsError& e);
   void note_success();

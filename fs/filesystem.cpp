@@ -701,14 +701,11 @@ void Filesystem::note_cold_open(Inode& inode) {
     dir = inode.parent;
   }
   if (dir.second == 0) return;
-  readahead_->cold_open(dir, dir.first == root_.dev && dir.second == root_.ino,
-                        [this, dir] { return open_known_dir(dir); });
+  readahead_->cold_open(dir, is_root(dir), [this, dir] { return open_known_dir(dir); });
 }
 
 UniqueFd Filesystem::open_known_dir(std::pair<dev_t, ino_t> dir) {
-  if (dir.first == root_.dev && dir.second == root_.ino) {
-    return UniqueFd(::openat(root_.fd.get(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
-  }
+  if (is_root(dir)) return UniqueFd(::openat(root_.fd.get(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   Inode* d = nullptr;
   {
     // A lookup reference keeps the inode (and its fd) alive across the

@@ -174,6 +174,7 @@ class Filesystem {
   // An O_RDONLY descriptor of the directory (dev, ino) while an inode of the
   // mount knows it, else an invalid one.
   UniqueFd open_known_dir(std::pair<dev_t, ino_t> dir);
+  bool is_root(std::pair<dev_t, ino_t> dir) const { return dir.first == root_.dev && dir.second == root_.ino; }
   // Makes inode.pending unless the inode has a key or a pending key already
   // (no lock held across the KMS call). 0 or an errno value.
   int prepare_new_key(Inode& inode);

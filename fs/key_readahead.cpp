@@ -124,12 +124,12 @@ void KeyReadahead::list(const std::shared_ptr<Job>& job) {
   bool more = false;
   std::size_t seen = 0;
   UniqueFd dup_fd(::fcntl(job->fd->get(), F_DUPFD_CLOEXEC, 0));
-  DIR* dir = dup_fd.valid() ? ::fdopendir(dup_fd.get()) : nullptr;
-  if (dir != nullptr) {
+  UniqueDir dir(dup_fd.valid() ? ::fdopendir(dup_fd.get()) : nullptr);
+  if (dir) {
     (void)dup_fd.release();  // owned by the DIR stream
     // The duplicate shares the file offset: start at the beginning.
-    ::rewinddir(dir);
-    while (struct dirent* e = ::readdir(dir)) {
+    ::rewinddir(dir.get());
+    while (struct dirent* e = ::readdir(dir.get())) {
       if (e->d_type != DT_REG && e->d_type != DT_UNKNOWN) continue;
       if (e->d_name[0] == '.' || internal_(e->d_name, job->at_root)) continue;
       if (seen++ < job->skip) continue;
@@ -139,7 +139,6 @@ void KeyReadahead::list(const std::shared_ptr<Job>& job) {
       }
       names.emplace_back(e->d_name);
     }
-    ::closedir(dir);
   }
   std::lock_guard lock(mu_);
   stats_.chunks++;

@@ -215,6 +215,18 @@ Result<MountOptions, std::string> parse_mount_options(const std::string& opts, M
       return unexpected("mount option " + name + "=" + v + ": not a number of seconds");
     }
   };
+  auto parse_count = [](const std::string& name, const std::string& v, long lo,
+                        long hi) -> Result<long, std::string> {
+    try {
+      std::size_t used = 0;
+      long n = std::stol(v, &used);
+      if (used != v.size() || n < lo || n > hi) throw std::out_of_range(v);
+      return n;
+    } catch (const std::exception&) {
+      return unexpected("mount option " + name + "=" + v + ": not a number in " + std::to_string(lo) +
+                        ".." + std::to_string(hi));
+    }
+  };
   while (std::getline(ss, item, ',')) {
     if (item.empty()) continue;
     const auto eq = item.find('=');
@@ -264,22 +276,13 @@ Result<MountOptions, std::string> parse_mount_options(const std::string& opts, M
       if (!d) return unexpected(d.error());
       base.key_cache_ttl = *d;
     } else if (name == "key_readahead") {
-      try {
-        std::size_t used = 0;
-        long n = std::stol(value, &used);
-        if (used != value.size() || n < 0 || n > 65536) throw std::out_of_range(value);
-        base.key_readahead = static_cast<std::size_t>(n);
-      } catch (const std::exception&) {
-        return unexpected("mount option key_readahead=" + value + ": not a number in 0..65536");
-      }
+      auto n = parse_count(name, value, 0, 65536);
+      if (!n) return unexpected(n.error());
+      base.key_readahead = static_cast<std::size_t>(*n);
     } else if (name == "max_threads") {
-      try {
-        int n = std::stoi(value);
-        if (n < 1 || n > 256) throw std::out_of_range(value);
-        base.max_threads = static_cast<unsigned>(n);
-      } catch (const std::exception&) {
-        return unexpected("mount option max_threads=" + value + ": not a number in 1..256");
-      }
+      auto n = parse_count(name, value, 1, 256);
+      if (!n) return unexpected(n.error());
+      base.max_threads = static_cast<unsigned>(*n);
     } else if (name == "default_permissions" || name == "dev" || name == "suid" ||
                name == "nodev" || name == "nosuid" || name == "exec" || name == "noexec" ||
                name == "atime" || name == "noatime" || name == "relatime" || name == "auto" ||

@@ -237,8 +237,7 @@ std::optional<PrefetchedDataKey> DataKeyPrefetcher::take() {
     // A burst starts at half the target (want_refill_locked): wake the
     // refillers then, not at every take (a futex wake and a context switch
     // each, per file created).
-    const std::size_t have = pool_.size() + in_flight_;
-    wake = !refilling_ && have <= target_ / 2;
+    wake = !refilling_ && pool_.size() + in_flight_ <= low_water_locked();
   }
   if (wake) cv_.notify_all();
   return out;
@@ -273,7 +272,7 @@ bool DataKeyPrefetcher::want_refill_locked(Clock::time_point now, std::list<Pool
   const std::size_t have = pool_.size() + in_flight_;
   if (have >= target_) {
     refilling_ = false;
-  } else if (have <= target_ / 2) {
+  } else if (have <= low_water_locked()) {
     refilling_ = true;
   }
   return refilling_ && have < target_ && now >= retry_at_;

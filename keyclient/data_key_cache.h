@@ -204,6 +204,7 @@ class DataKeyPrefetcher {
   // several GenerateDataKey calls run at once and share their audit flush
   // (a refill per take would flush once per key).
   bool refilling_ = false;
+  std::size_t low_water_locked() const { return target_ / 2; }
   Clock::time_point last_take_;   // demand: refill only within max_age of a take
   Clock::time_point retry_at_{};  // while the KMS fails: next attempt
   std::chrono::milliseconds backoff_;

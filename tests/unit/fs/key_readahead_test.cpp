@@ -49,6 +49,11 @@ class KeyReadaheadTest : public ::testing::Test {
     ASSERT_EQ(::write(fd, data.data(), data.size()), static_cast<ssize_t>(data.size()));
     ::close(fd);
   }
+  // Directory "d" holding files f1..fN (file ids 1..N).
+  void make_dir_of_files(int n) {
+    ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
+    for (int i = 1; i <= n; ++i) make_file("d/f" + std::to_string(i), static_cast<std::uint8_t>(i));
+  }
   KeyReadahead::DirId id_of(const std::string& rel) const {
     struct stat st {};
     EXPECT_EQ(::stat((root_ + "/" + rel).c_str(), &st), 0);
@@ -86,8 +91,7 @@ class KeyReadaheadTest : public ::testing::Test {
 };
 
 TEST_F(KeyReadaheadTest, AColdOpenAfterAListingReadsTheDirectorysHeaders) {
-  ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
-  for (std::uint8_t i = 1; i <= 20; ++i) make_file("d/f" + std::to_string(i), i);
+  ASSERT_NO_FATAL_FAILURE(make_dir_of_files(20));
   make_file("d/kmsfs.diriv", 99);                       // internal: passed over
   make_file("d/.hidden", 98);                           // dot names: passed over
   ASSERT_EQ(::mkdir((root_ + "/d/sub").c_str(), 0700), 0);  // not a file
@@ -127,8 +131,7 @@ TEST_F(KeyReadaheadTest, AColdOpenAfterAListingReadsTheDirectorysHeaders) {
 }
 
 TEST_F(KeyReadaheadTest, OneColdOpenWithoutAListingStartsNothingTheSecondDoes) {
-  ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
-  for (std::uint8_t i = 1; i <= 5; ++i) make_file("d/f" + std::to_string(i), i);
+  ASSERT_NO_FATAL_FAILURE(make_dir_of_files(5));
   KeyReadahead ra(recorder(), internal(), {});
   const auto d = id_of("d");
   ra.cold_open(d, false, opener("d"));  // `cat one-file`: no read-ahead
@@ -141,8 +144,7 @@ TEST_F(KeyReadaheadTest, OneColdOpenWithoutAListingStartsNothingTheSecondDoes) {
 }
 
 TEST_F(KeyReadaheadTest, ALongOrStaleWalkStartsNothing) {
-  ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
-  for (std::uint8_t i = 1; i <= 3; ++i) make_file("d/f" + std::to_string(i), i);
+  ASSERT_NO_FATAL_FAILURE(make_dir_of_files(3));
   KeyReadaheadOptions o;
   o.listed_window = 50ms;
   o.cold_open_window = 50ms;
@@ -159,8 +161,7 @@ TEST_F(KeyReadaheadTest, ALongOrStaleWalkStartsNothing) {
 }
 
 TEST_F(KeyReadaheadTest, BigDirectoriesAreReadInChunksAsTheWalkGoesOn) {
-  ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
-  for (std::uint8_t i = 1; i <= 25; ++i) make_file("d/f" + std::to_string(i), i);
+  ASSERT_NO_FATAL_FAILURE(make_dir_of_files(25));
   KeyReadaheadOptions o;
   o.max_files = 10;
   KeyReadahead ra(recorder(), internal(), o);
@@ -186,8 +187,7 @@ TEST_F(KeyReadaheadTest, BigDirectoriesAreReadInChunksAsTheWalkGoesOn) {
 }
 
 TEST_F(KeyReadaheadTest, ARefusalStopsTheDirectory) {
-  ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
-  for (std::uint8_t i = 1; i <= 200; ++i) make_file("d/f" + std::to_string(i), i);
+  ASSERT_NO_FATAL_FAILURE(make_dir_of_files(200));
   KeyReadaheadOptions o;
   o.threads = 1;
   KeyReadahead ra(recorder(KeyReadahead::Warmed::kStop), internal(), o);
@@ -205,8 +205,7 @@ TEST_F(KeyReadaheadTest, ARefusalStopsTheDirectory) {
 
 TEST_F(KeyReadaheadTest, ReadingAheadLeavesAccessTimesAlone) {
   if (::geteuid() != 0) GTEST_SKIP() << "O_NOATIME on files of another owner needs root";
-  ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
-  for (std::uint8_t i = 1; i <= 4; ++i) make_file("d/f" + std::to_string(i), i);
+  ASSERT_NO_FATAL_FAILURE(make_dir_of_files(4));
   const timespec old_times[2] = {{1000000000, 0}, {1000000000, 0}};  // 2001: relatime would update
   for (int i = 1; i <= 4; ++i) {
     ASSERT_EQ(::utimensat(AT_FDCWD, (root_ + "/d/f" + std::to_string(i)).c_str(), old_times, 0), 0);
@@ -225,8 +224,7 @@ TEST_F(KeyReadaheadTest, ReadingAheadLeavesAccessTimesAlone) {
 }
 
 TEST_F(KeyReadaheadTest, ZeroFilesIsOffAndStoppingWithQueuedWorkIsClean) {
-  ASSERT_EQ(::mkdir((root_ + "/d").c_str(), 0700), 0);
-  for (std::uint8_t i = 1; i <= 50; ++i) make_file("d/f" + std::to_string(i), i);
+  ASSERT_NO_FATAL_FAILURE(make_dir_of_files(50));
   {
     KeyReadaheadOptions off;
     off.max_files = 0;
