@@ -194,6 +194,8 @@ class Checker {
         if (starts_with(n, NameMapper::kLongPrefix) && ends_with(n, NameMapper::kLongSuffix)) {
           const std::string entry = n.substr(0, n.size() - std::strlen(NameMapper::kLongSuffix));
           struct stat st {};
+          // A side file listed before its entry was quarantined went along with it.
+          if (::fstatat(dirfd, n.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 && errno == ENOENT) continue;
           if (::fstatat(dirfd, entry.c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0 && errno == ENOENT) {
             remove_leftover(dirfd, n, brel, "orphan long-name side file");
           }

@@ -10,6 +10,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <thread>
@@ -108,6 +109,40 @@ TEST(Fsck, FindsEachKindOfDamageAndRepairQuarantinesOnlyThose) {
   vol.mount();
   for (const auto& [name, data] : healthy) EXPECT_EQ(read_file(vol.path(name)), data) << name;
   EXPECT_NE(::access(vol.path("dir/bad-block").c_str(), F_OK), 0);
+  vol.unmount();
+}
+
+// The side file of a quarantined long-name file goes with it: the repair
+// must not then report it as an orphan it could not remove (seen after a
+// kill -9 in the crash test).
+TEST(Fsck, RepairQuarantinesALongNamedFileWithItsSideFile) {
+  TempKms kms;
+  Mount vol(kms.root(), "longbad");
+  vol.mount();
+  const std::string long_name(220, 'q');
+  write_file(vol.path(long_name), random_bytes(20000, 21));
+  write_file(vol.path("ok"), random_bytes(5000, 22));
+  vol.unmount();
+  const std::string entry = encrypt_path(vol, long_name);
+  flip_byte(entry, 128 + 4124 + 700);  // block 1's ciphertext
+
+  auto r = run_command({bin("kmsfs"), "fsck", "--repair", vol.cipher()});
+  EXPECT_EQ(r.exit_code, 7) << r.out << r.err;
+  EXPECT_EQ(r.out.find("DAMAGED"), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find("orphan"), std::string::npos) << r.out;
+  struct stat st {};
+  EXPECT_NE(::stat(entry.c_str(), &st), 0);
+  EXPECT_NE(::stat((entry + ".name").c_str(), &st), 0);
+  int side_files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(vol.cipher() + "/kmsfs.quarantine")) {
+    if (e.path().extension() == ".name") side_files++;
+  }
+  EXPECT_EQ(side_files, 1);
+
+  r = run_command({bin("kmsfs"), "fsck", vol.cipher()});
+  EXPECT_EQ(r.exit_code, 0) << r.out << r.err;
+  vol.mount();
+  EXPECT_EQ(read_file(vol.path("ok")), random_bytes(5000, 22));
   vol.unmount();
 }
 
