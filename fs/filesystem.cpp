@@ -246,30 +246,39 @@ int Filesystem::do_lookup(Inode& parent, const char* name, fuse_entry_param* e) 
   e->attr_timeout = settings_.attr_timeout;
   e->entry_timeout = settings_.entry_timeout;
 
-  UniqueFd fd(::openat(parent.fd.get(), name, O_PATH | O_NOFOLLOW | O_CLOEXEC));
-  if (!fd.valid()) return note_open_error(errno);
+  // A stat by name first: an inode the table knows (READDIRPLUS, a second
+  // lookup) needs no descriptor opened and closed again.
   struct stat st {};
-  if (::fstatat(fd.get(), "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno;
+  if (::fstatat(parent.fd.get(), name, &st, AT_SYMLINK_NOFOLLOW) != 0) return errno;
 
   Inode* inode = nullptr;
+  bool fresh = false;
+  auto find_locked = [&](const struct stat& s) -> Inode* {
+    if (s.st_dev == root_.dev && s.st_ino == root_.ino) return &root_;
+    auto it = inodes_.find(std::make_pair(s.st_dev, s.st_ino));
+    return it != inodes_.end() ? it->second.get() : nullptr;
+  };
   {
     std::lock_guard lock(table_mutex_);
-    if (st.st_dev == root_.dev && st.st_ino == root_.ino) {
-      inode = &root_;
-    } else {
-      auto key = std::make_pair(st.st_dev, st.st_ino);
-      auto it = inodes_.find(key);
-      if (it != inodes_.end()) {
-        inode = it->second.get();
-      } else {
-        auto fresh = std::make_unique<Inode>();
-        fresh->fd = std::move(fd);
-        fresh->dev = st.st_dev;
-        fresh->ino = st.st_ino;
-        fresh->type = st.st_mode & S_IFMT;
-        inode = fresh.get();
-        inodes_.emplace(key, std::move(fresh));
-      }
+    inode = find_locked(st);
+    if (inode != nullptr) inode->nlookup++;
+  }
+  if (inode == nullptr) {
+    UniqueFd fd(::openat(parent.fd.get(), name, O_PATH | O_NOFOLLOW | O_CLOEXEC));
+    if (!fd.valid()) return note_open_error(errno);
+    // The name may have moved on to another inode since the stat.
+    if (::fstatat(fd.get(), "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return errno;
+    std::lock_guard lock(table_mutex_);
+    inode = find_locked(st);
+    if (inode == nullptr) {
+      auto made = std::make_unique<Inode>();
+      made->fd = std::move(fd);
+      made->dev = st.st_dev;
+      made->ino = st.st_ino;
+      made->type = st.st_mode & S_IFMT;
+      inode = made.get();
+      inodes_.emplace(std::make_pair(st.st_dev, st.st_ino), std::move(made));
+      fresh = true;
     }
     inode->nlookup++;
   }
@@ -278,8 +287,9 @@ int Filesystem::do_lookup(Inode& parent, const char* name, fuse_entry_param* e) 
     inode->label = name;
     inode->parent = {parent.dev, parent.ino};
   }
-  if (inode->type == S_IFREG) {
+  if (inode->type == S_IFREG && !fresh) {
     // Another thread may be writing: take the size under the content lock.
+    // (A fresh inode was stat'ed before any request could name it.)
     std::shared_lock lock(inode->content);
     if (::fstatat(inode->fd.get(), "", &st, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) {
       int err = errno;
@@ -297,6 +307,7 @@ int Filesystem::do_lookup(Inode& parent, const char* name, fuse_entry_param* e) 
 void Filesystem::init(fuse_conn_info* conn) {
   if (settings_.writeback_cache && (conn->capable & FUSE_CAP_WRITEBACK_CACHE) != 0) {
     conn->want |= FUSE_CAP_WRITEBACK_CACHE;
+    writeback_cache_on_ = true;
   } else {
     conn->want &= ~FUSE_CAP_WRITEBACK_CACHE;
   }
@@ -357,6 +368,22 @@ void Filesystem::getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
   fuse_reply_attr(req, &st, settings_.attr_timeout);
 }
 
+bool Filesystem::times_already_set(Inode& inode, const struct stat* attr, int to_set) const {
+  // With the writeback cache the kernel keeps a regular file's times itself
+  // and writes them back with a SETATTR when it drops the inode: after each
+  // unlink, for one, times the backing file already has. Setting them again
+  // would only move the backing ctime, which the kernel does not take from
+  // us for such a file.
+  if (!writeback_cache_on_ || inode.type != S_IFREG) return false;
+  if ((to_set & (FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) != 0) return false;
+  struct stat cur {};
+  if (::fstatat(inode.fd.get(), "", &cur, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return false;
+  auto same = [](const timespec& a, const timespec& b) { return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec; };
+  if ((to_set & FUSE_SET_ATTR_ATIME) != 0 && !same(attr->st_atim, cur.st_atim)) return false;
+  if ((to_set & FUSE_SET_ATTR_MTIME) != 0 && !same(attr->st_mtim, cur.st_mtim)) return false;
+  return true;
+}
+
 void Filesystem::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int to_set,
                          fuse_file_info* fi) {
   Inode& inode = inode_of(ino);
@@ -405,7 +432,7 @@ void Filesystem::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int 
     if (err == 0) err = kill_suid_sgid_if_asked(fd);
     if (err != 0) return (void)fuse_reply_err(req, err);
   }
-  if ((to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME)) != 0) {
+  if ((to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME)) != 0 && !times_already_set(inode, attr, to_set)) {
     struct timespec tv[2];
     tv[0].tv_sec = 0;
     tv[1].tv_sec = 0;

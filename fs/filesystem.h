@@ -127,6 +127,8 @@ class Filesystem {
   // Looks the backing entry `name` up under `parent`, taking one lookup
   // reference; 0 or errno.
   int do_lookup(Inode& parent, const char* name, fuse_entry_param* e);
+  // A SETATTR of times the backing file has already (see setattr).
+  bool times_already_set(Inode& inode, const struct stat* attr, int to_set) const;
   int stat_inode(Inode& inode, struct stat* st);
   // Plaintext view of a backing stat: sizes of files and symlinks.
   void to_plain_attr(int fd, struct stat* st) const;
@@ -198,6 +200,7 @@ class Filesystem {
   FsSettings settings_;
   Inode root_;
   std::mutex table_mutex_;
+  std::atomic<bool> writeback_cache_on_{false};  // the kernel granted it at INIT
   // Guarded by table_mutex_. Keyed by the backing (st_dev, st_ino), so hard
   // links share one Inode.
   std::map<std::pair<dev_t, ino_t>, std::unique_ptr<Inode>> inodes_;

@@ -5,7 +5,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cctype>
+#include <memory>
 #include <set>
 
 namespace kmsfs::keyclient {
@@ -344,17 +346,51 @@ Result<void, std::string> validate_key_policy(const std::string& document) {
   return {};
 }
 
-PolicyDecision evaluate_key_policy(const std::string& document, const PolicyRequest& request) {
-  if (!validate_key_policy(document)) return PolicyDecision::ImplicitDeny;
-  json j = json::parse(document);
+namespace {
+
+// A document checked and parsed once: every KMS call evaluates its key's
+// policy, and parsing it twice per call (validate, then evaluate) was a
+// tenth of an embedded Decrypt's CPU.
+struct ParsedPolicy {
+  std::string document;
+  bool valid = false;
   std::vector<json> statements;
-  if (j["Statement"].is_object()) {
-    statements.push_back(j["Statement"]);
-  } else {
-    for (const auto& s : j["Statement"]) statements.push_back(s);
+};
+
+const ParsedPolicy& parsed_policy(const std::string& document) {
+  // Per thread, the last few documents (a mount uses one key; kmsd's
+  // workers serve a handful): no lock, and nothing to invalidate, since
+  // the entry is the document itself.
+  constexpr std::size_t kSlots = 4;
+  thread_local std::array<std::unique_ptr<ParsedPolicy>, kSlots> cache;
+  thread_local std::size_t next = 0;
+  for (const auto& p : cache) {
+    if (p && p->document == document) return *p;
   }
+  auto p = std::make_unique<ParsedPolicy>();
+  p->document = document;
+  p->valid = validate_key_policy(document).has_value();
+  if (p->valid) {
+    json j = json::parse(document);
+    if (j["Statement"].is_object()) {
+      p->statements.push_back(std::move(j["Statement"]));
+    } else {
+      for (auto& st : j["Statement"]) p->statements.push_back(std::move(st));
+    }
+  }
+  auto& slot = cache[next];
+  next = (next + 1) % kSlots;
+  slot = std::move(p);
+  return *slot;
+}
+
+}  // namespace
+
+PolicyDecision evaluate_key_policy(const std::string& document, const PolicyRequest& request) {
+  const ParsedPolicy& policy = parsed_policy(document);
+  if (!policy.valid) return PolicyDecision::ImplicitDeny;
   bool allowed = false;
-  for (const auto& st : statements) {
+  for (const auto& st : policy.statements) {
     if (!statement_matches(st, request)) continue;
     if (st["Effect"] == "Deny") return PolicyDecision::ExplicitDeny;
     allowed = true;

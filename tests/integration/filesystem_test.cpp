@@ -436,6 +436,45 @@ TEST_F(FilesystemTest, MetadataChanges) {
   EXPECT_GT(sv.f_blocks, 0U);
 }
 
+// A SETATTR of times the backing file already has is answered without
+// setting them again (the kernel sends one for every file it drops after an
+// unlink); times that differ still reach the backing file.
+TEST_F(FilesystemTest, SettingTimesReachesTheBackingFileAlsoWhenRepeated) {
+  write_file(p("times"), {'t'});
+  const std::string b = backing("times");
+  struct timespec t1[2] = {{1200000000, 7}, {1300000000, 9}};
+  struct timespec t2[2] = {{1400000000, 11}, {1500000000, 13}};
+  struct stat st {};
+  for (const auto* times : {t1, t1, t2, t2, t1}) {
+    ASSERT_EQ(::utimensat(AT_FDCWD, p("times").c_str(), times, 0), 0) << std::strerror(errno);
+    ASSERT_EQ(::stat(p("times").c_str(), &st), 0);
+    EXPECT_EQ(st.st_mtim.tv_sec, times[1].tv_sec);
+    EXPECT_EQ(st.st_mtim.tv_nsec, times[1].tv_nsec);
+    ASSERT_EQ(::stat(b.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mtim.tv_sec, times[1].tv_sec) << "backing file";
+    EXPECT_EQ(st.st_mtim.tv_nsec, times[1].tv_nsec) << "backing file";
+    EXPECT_EQ(st.st_atim.tv_sec, times[0].tv_sec) << "backing file";
+  }
+  // Only the modification time, the access time left alone.
+  struct timespec only_m[2] = {{0, UTIME_OMIT}, {1600000000, 0}};
+  ASSERT_EQ(::utimensat(AT_FDCWD, p("times").c_str(), only_m, 0), 0);
+  ASSERT_EQ(::stat(b.c_str(), &st), 0);
+  EXPECT_EQ(st.st_mtim.tv_sec, 1600000000);
+  EXPECT_EQ(st.st_atim.tv_sec, t1[0].tv_sec);
+  // A write moves the time on, through the kernel's write-back of it.
+  {
+    int fd = ::open(p("times").c_str(), O_WRONLY | O_APPEND);
+    ASSERT_GE(fd, 0);
+    ASSERT_EQ(::write(fd, "more", 4), 4);
+    ASSERT_EQ(::fsync(fd), 0);
+    ::close(fd);
+  }
+  ASSERT_EQ(::stat(p("times").c_str(), &st), 0);
+  EXPECT_GT(st.st_mtim.tv_sec, 1600000000);
+  ASSERT_EQ(::stat(b.c_str(), &st), 0);
+  EXPECT_GT(st.st_mtim.tv_sec, 1600000000) << "backing file";
+}
+
 TEST_F(FilesystemTest, UserXattrsRoundTrip) {
   write_file(p("x"), {'x'});
   ASSERT_EQ(::setxattr(p("x").c_str(), "user.color", "blue", 4, 0), 0) << std::strerror(errno);

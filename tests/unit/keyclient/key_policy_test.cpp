@@ -118,6 +118,35 @@ TEST(KeyPolicy, EvaluationTable) {
   }
 }
 
+// Parsed documents are kept per thread: a changed document (PutKeyPolicy)
+// must decide at once, also after more documents than the cache holds.
+TEST(KeyPolicy, EachDocumentDecidesForItselfAcrossTheParsedCache) {
+  const Principal a = alice();
+  std::vector<std::string> docs;
+  std::vector<PolicyDecision> expected;
+  for (int i = 0; i < 7; ++i) {
+    const bool allowed = i % 2 == 0;
+    json st = allowed ? allow(json{{"Local", "uid:1000"}}, "kms:Decrypt")
+                      : allow(json{{"Local", "uid:" + std::to_string(2000 + i)}}, "kms:Decrypt");
+    st["Sid"] = "s" + std::to_string(i);  // every document differs
+    docs.push_back(doc(json::array({st})));
+    expected.push_back(allowed ? PolicyDecision::Allow : PolicyDecision::ImplicitDeny);
+  }
+  docs.push_back(doc(json::array({allow("*", "kms:*"), json{{"Effect", "Deny"},
+                                                            {"Principal", "*"},
+                                                            {"Action", "kms:Decrypt"},
+                                                            {"Resource", "*"}}})));
+  expected.push_back(PolicyDecision::ExplicitDeny);
+  docs.push_back("{\"Statement\": 5}");  // does not validate: denies
+  expected.push_back(PolicyDecision::ImplicitDeny);
+  for (int round = 0; round < 3; ++round) {
+    for (std::size_t i = 0; i < docs.size(); ++i) {
+      EXPECT_EQ(eval(docs[i], "kms:Decrypt", a), expected[i]) << "round " << round << ", document " << i;
+      EXPECT_EQ(eval(docs[i], "kms:Decrypt", a), expected[i]) << "again, round " << round << ", document " << i;
+    }
+  }
+}
+
 TEST(KeyPolicy, MalformedDocumentsNameTheProblem) {
   struct Bad {
     std::string doc;
