@@ -120,7 +120,11 @@ Filesystem::Filesystem(UniqueFd root_fd, FileKeys& keys, const NameMapper& names
     ro.max_files = settings_.key_readahead;
     readahead_ = std::make_unique<KeyReadahead>(
         [this](const crypto::FileHeader& h) { return keys_.warm(h); },
-        [this](const char* name, bool at_root) { return names_.is_internal(name, at_root); }, ro);
+        [this](const char* name, bool at_root) { return names_.is_internal(name, at_root); }, ro,
+        [this](KeyReadahead::DirId dir, bool& at_root) {
+          at_root = is_root(dir);
+          return open_known_dir(dir);
+        });
   }
 }
 

@@ -5,14 +5,15 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <span>
 
 namespace kmsfs::fs {
 
-KeyReadahead::KeyReadahead(WarmFn warm, InternalFn internal, KeyReadaheadOptions options)
-    : warm_(std::move(warm)), internal_(std::move(internal)), opts_(options) {
+KeyReadahead::KeyReadahead(WarmFn warm, InternalFn internal, KeyReadaheadOptions options, OpenDirFn open_dir)
+    : warm_(std::move(warm)), internal_(std::move(internal)), opts_(options), open_dir_(std::move(open_dir)) {
   if (opts_.threads == 0) opts_.threads = 1;
 }
 
@@ -59,6 +60,7 @@ void KeyReadahead::cold_open(DirId dir, bool at_root, const std::function<Unique
   if (!enabled()) return;
   const auto now = Clock::now();
   std::size_t skip = 0;
+  std::vector<DirId> tree;
   {
     std::lock_guard lock(mu_);
     if (stop_) return;
@@ -73,9 +75,52 @@ void KeyReadahead::cold_open(DirId dir, bool at_root, const std::function<Unique
     skip = fresh ? 0 : s.next_index;
     s.scanning = true;
     s.scanned = now;
+    if (walk && fresh && open_dir_ && opts_.tree_directories > 0) {
+      const bool tree_walk = last_walk_ != Clock::time_point{} && last_walk_dir_ != dir &&
+                             now - last_walk_ <= opts_.cold_open_window;
+      last_walk_dir_ = dir;
+      last_walk_ = now;
+      if (tree_walk) {
+        stats_.tree_walks++;
+        tree = pick_tree_locked(dir, now);
+      }
+    }
   }
   UniqueFd fd = open_dir();  // no lock held across the syscall
-  std::lock_guard lock(mu_);
+  {
+    std::lock_guard lock(mu_);
+    start_locked(dir, at_root, std::move(fd), skip, true);
+  }
+  for (const DirId& other : tree) {
+    bool other_root = false;
+    UniqueFd other_fd = open_dir_(other, other_root);
+    std::lock_guard lock(mu_);
+    start_locked(other, other_root, std::move(other_fd), 0, false);
+  }
+}
+
+std::vector<KeyReadahead::DirId> KeyReadahead::pick_tree_locked(DirId walked, Clock::time_point now) {
+  std::vector<std::pair<Clock::time_point, DirId>> listed;
+  for (const auto& [id, s] : dirs_) {
+    if (id == walked || s.scanning || s.listed == Clock::time_point{}) continue;
+    if (now - s.listed > opts_.listed_window) continue;
+    if (s.scanned != Clock::time_point{} && now - s.scanned < opts_.rescan_after) continue;
+    listed.emplace_back(s.listed, id);
+  }
+  std::sort(listed.begin(), listed.end());
+  if (listed.size() > opts_.tree_directories) listed.resize(opts_.tree_directories);
+  std::vector<DirId> out;
+  out.reserve(listed.size());
+  for (const auto& [when, id] : listed) {
+    DirState& s = dirs_[id];
+    s.scanning = true;
+    s.scanned = now;
+    out.push_back(id);
+  }
+  return out;
+}
+
+void KeyReadahead::start_locked(DirId dir, bool at_root, UniqueFd fd, std::size_t skip, bool urgent) {
   auto it = dirs_.find(dir);
   if (!fd.valid() || stop_) {
     if (it != dirs_.end()) it->second.scanning = false;
@@ -90,6 +135,7 @@ void KeyReadahead::cold_open(DirId dir, bool at_root, const std::function<Unique
   job->dir = dir;
   job->at_root = at_root;
   job->skip = skip;
+  job->urgent = urgent;
   job->fd = std::make_shared<UniqueFd>(std::move(fd));
   queue_.push_back(Task{job, SIZE_MAX});
   cv_.notify_one();
@@ -151,7 +197,12 @@ void KeyReadahead::list(const std::shared_ptr<Job>& job) {
   if (stop_ || names.empty()) return;
   job->names = std::move(names);
   job->pending = job->names.size();
-  for (std::size_t i = 0; i < job->names.size(); ++i) queue_.push_back(Task{job, i});
+  if (job->urgent) {
+    // The program is opening files here now: before other directories'.
+    for (std::size_t i = job->names.size(); i-- > 0;) queue_.push_front(Task{job, i});
+  } else {
+    for (std::size_t i = 0; i < job->names.size(); ++i) queue_.push_back(Task{job, i});
+  }
   cv_.notify_all();
 }
 

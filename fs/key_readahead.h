@@ -18,6 +18,14 @@
 // further chunk when cold opens continue there after the first chunk was
 // read. A directory is read again only after `rescan_after`.
 //
+// A tree walk: when such listing-led read-aheads start in two different
+// directories within `cold_open_window` (find -exec cat, git add, tar c:
+// the program listed the tree, then opens its files directory after
+// directory), the directories listed within `listed_window` and not yet
+// read are read ahead too, up to `tree_directories` of them, in the order
+// they were listed. Without this, the first open in every directory waited
+// for its own Decrypt and its audit flush.
+//
 // The price: the KMS sees (and audits) a Decrypt for files that the
 // program may never open, and their keys stay in the DEK cache (mlocked,
 // bounded, aged out by key_cache_ttl) like any other cached key. Failures
@@ -54,6 +62,7 @@ struct KeyReadaheadOptions {
   std::chrono::milliseconds cold_open_window{1000};   // two cold opens within this
   std::chrono::milliseconds rescan_after{150'000};    // a directory read again after this
   std::size_t max_directories = 4096;                 // remembered directories
+  std::size_t tree_directories = 32;                  // read ahead at once in a tree walk (0 = off)
 };
 
 class KeyReadahead {
@@ -66,8 +75,12 @@ class KeyReadahead {
   // kmsfs.diriv, long-name side files); `at_root` for the cipher dir itself.
   using InternalFn = std::function<bool(const char* name, bool at_root)>;
   using DirId = std::pair<dev_t, ino_t>;
+  // Opens a listed directory by its id for a tree walk (an invalid
+  // descriptor when it is gone) and says whether it is the cipher dir.
+  using OpenDirFn = std::function<UniqueFd(DirId dir, bool& at_root)>;
 
-  KeyReadahead(WarmFn warm, InternalFn internal, KeyReadaheadOptions options);
+  // Without `open_dir` there is no tree walk.
+  KeyReadahead(WarmFn warm, InternalFn internal, KeyReadaheadOptions options, OpenDirFn open_dir = nullptr);
   ~KeyReadahead();  // stops and joins the threads; queued work is dropped
   KeyReadahead(const KeyReadahead&) = delete;
   KeyReadahead& operator=(const KeyReadahead&) = delete;
@@ -84,6 +97,7 @@ class KeyReadahead {
     std::uint64_t chunks = 0;     // directory chunks read
     std::uint64_t headers = 0;    // headers read
     std::uint64_t warmed = 0;     // keys unwrapped (or found cached)
+    std::uint64_t tree_walks = 0; // tree walks seen (each reads ahead more directories)
   };
   Stats stats() const;
 
@@ -101,6 +115,7 @@ class KeyReadahead {
     DirId dir;
     bool at_root = false;
     std::size_t skip = 0;             // directory entries to pass over first
+    bool urgent = false;              // see start_locked
     std::shared_ptr<UniqueFd> fd;
     std::vector<std::string> names;   // filled by the listing task
     std::size_t pending = 0;          // file tasks not finished (guarded by mu_)
@@ -110,6 +125,12 @@ class KeyReadahead {
     std::shared_ptr<Job> job;
     std::size_t index = SIZE_MAX;     // SIZE_MAX: list the directory
   };
+  // Marks up to tree_directories listed, unread directories (not `walked`)
+  // as being read, oldest listing first, and returns them.
+  std::vector<DirId> pick_tree_locked(DirId walked, Clock::time_point now);
+  // Queues the listing of a directory whose DirState is marked scanning.
+  // `urgent`: the program opens files there now; its headers go first.
+  void start_locked(DirId dir, bool at_root, UniqueFd fd, std::size_t skip, bool urgent);
   void run();
   void list(const std::shared_ptr<Job>& job);
   void read_one(const std::shared_ptr<Job>& job, std::size_t index);
@@ -119,12 +140,15 @@ class KeyReadahead {
   WarmFn warm_;
   InternalFn internal_;
   KeyReadaheadOptions opts_;
+  OpenDirFn open_dir_;
 
   mutable std::mutex mu_;  // guards everything below but threads_
   std::condition_variable cv_;
   std::map<DirId, DirState> dirs_;
   std::deque<Task> queue_;
   bool stop_ = false;
+  DirId last_walk_dir_{};              // where the last listing-led read-ahead started
+  Clock::time_point last_walk_{};
   Stats stats_;
   std::vector<std::thread> threads_;  // started at the first read-ahead
 };

@@ -2,7 +2,8 @@
 // a directory and reads its files gets their keys unwrapped ahead of the
 // opens, each key once; the audit trail shows one Decrypt per file of that
 // directory and none for other directories; the backing files' access times
-// stay as they were; -o key_readahead=0 turns it off.
+// stay as they were; -o key_readahead=0 turns it off. A walk of a listed
+// tree reads the other listed directories ahead too.
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -106,6 +107,51 @@ TEST(KeyReadaheadMount, AWalkUnwrapsADirectorysKeysOnceAheadOfTheOpens) {
   }
   std::this_thread::sleep_for(200ms);
   EXPECT_EQ(file_key_decrypts() - before_off, 3);
+  m.unmount();
+}
+
+// find DIR -type f -exec cat {} +: the whole tree is listed first, then
+// read directory after directory. Once reads have moved from one listed
+// directory to the next, the other listed directories' keys are unwrapped
+// ahead too; a directory nobody listed is left alone.
+TEST(KeyReadaheadMount, ATreeWalkUnwrapsTheOtherListedDirectoriesAhead) {
+  TempKms kms;
+  Mount m(kms.root(), "ra-tree");
+  m.mount();
+  constexpr int kDirs = 6;
+  constexpr int kPerDir = 4;
+  for (int d = 0; d < kDirs; ++d) {
+    ASSERT_EQ(::mkdir(m.path("t" + std::to_string(d)).c_str(), 0755), 0);
+    for (int i = 0; i < kPerDir; ++i) {
+      write_file(m.path("t" + std::to_string(d) + "/f" + std::to_string(i)), content_of(10 * d + i));
+    }
+  }
+  ASSERT_EQ(::mkdir(m.path("unlisted").c_str(), 0755), 0);
+  for (int i = 0; i < 3; ++i) write_file(m.path("unlisted/u" + std::to_string(i)), content_of(90 + i));
+  m.unmount();
+
+  m.mount();
+  const int before = file_key_decrypts();
+  for (int d = 0; d < kDirs; ++d) ASSERT_EQ(list_dir(m.path("t" + std::to_string(d))).size(), 4u);
+  // One file of t0, then one of t1: a tree walk.
+  EXPECT_EQ(read_file(m.path("t0/f0")), content_of(0));
+  EXPECT_EQ(read_file(m.path("t1/f0")), content_of(10));
+  const int expected = kDirs * kPerDir;
+  int seen = 0;
+  for (int i = 0; i < 1000 && (seen = file_key_decrypts() - before) < expected; ++i) {
+    std::this_thread::sleep_for(10ms);
+  }
+  EXPECT_EQ(seen, expected) << "every listed directory's keys, each once";
+  for (int d = 0; d < kDirs; ++d) {
+    for (int i = 0; i < kPerDir; ++i) {
+      EXPECT_EQ(read_file(m.path("t" + std::to_string(d) + "/f" + std::to_string(i))), content_of(10 * d + i));
+    }
+  }
+  std::this_thread::sleep_for(100ms);
+  EXPECT_EQ(file_key_decrypts() - before, expected) << "the reads found every key cached";
+  EXPECT_EQ(read_file(m.path("unlisted/u0")), content_of(90));
+  std::this_thread::sleep_for(200ms);
+  EXPECT_EQ(file_key_decrypts() - before, expected + 1) << "the unlisted directory: only the file read";
   m.unmount();
 }
 

@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
+#include <map>
 #include <mutex>
 #include <set>
 #include <string>
@@ -252,6 +253,120 @@ TEST_F(KeyReadaheadTest, ZeroFilesIsOffAndStoppingWithQueuedWorkIsClean) {
     wait_for(1);
   }
   EXPECT_LT(warmed().size(), 50u);
+}
+
+// Directories t0..t(n-1), each holding files with ids 10*i+1..10*i+per_dir.
+class KeyReadaheadTreeTest : public KeyReadaheadTest {
+ protected:
+  void make_tree(int n, int per_dir) {
+    for (int i = 0; i < n; ++i) {
+      const std::string d = "t" + std::to_string(i);
+      ASSERT_EQ(::mkdir((root_ + "/" + d).c_str(), 0700), 0);
+      for (int j = 1; j <= per_dir; ++j) {
+        make_file(d + "/f" + std::to_string(j), static_cast<std::uint8_t>(10 * i + j));
+      }
+      dirs_[id_of(d)] = d;
+    }
+  }
+  KeyReadahead::OpenDirFn by_id() {
+    return [this](KeyReadahead::DirId id, bool& at_root) {
+      at_root = false;
+      by_id_opened_++;
+      auto it = dirs_.find(id);
+      if (it == dirs_.end()) return UniqueFd();
+      return UniqueFd(::open((root_ + "/" + it->second).c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC));
+    };
+  }
+  // The directory numbers (id / 10) of the headers warmed.
+  std::set<int> dirs_warmed() {
+    std::set<int> out;
+    for (auto id : warmed()) out.insert(id / 10);
+    return out;
+  }
+  std::map<KeyReadahead::DirId, std::string> dirs_;
+  std::atomic<int> by_id_opened_{0};
+};
+
+TEST_F(KeyReadaheadTreeTest, ListingLedOpensInTwoDirectoriesReadAheadTheOtherListedOnes) {
+  ASSERT_NO_FATAL_FAILURE(make_tree(6, 3));
+  KeyReadaheadOptions o;
+  o.tree_directories = 3;
+  KeyReadahead ra(recorder(), internal(), o, by_id());
+  // Listed in the order t0..t5, a little apart, as find lists a tree.
+  for (int i = 0; i < 6; ++i) {
+    ra.listed(id_of("t" + std::to_string(i)));
+    std::this_thread::sleep_for(2ms);
+  }
+  ra.cold_open(id_of("t0"), false, opener("t0"));
+  wait_for(3);
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(dirs_warmed(), (std::set<int>{0})) << "one directory is no tree walk";
+  EXPECT_EQ(by_id_opened_, 0);
+
+  ra.cold_open(id_of("t1"), false, opener("t1"));  // the walk moved on: a tree walk
+  wait_for(15);
+  std::this_thread::sleep_for(100ms);
+  // t1 itself, then the three listed earliest of the rest; t5 waits.
+  EXPECT_EQ(dirs_warmed(), (std::set<int>{0, 1, 2, 3, 4}));
+  EXPECT_EQ(warmed().size(), 15u);
+  EXPECT_EQ(by_id_opened_, 3);
+  EXPECT_EQ(ra.stats().tree_walks, 1u);
+  EXPECT_EQ(ra.stats().chunks, 5u);
+
+  // The program reaches t2..t4: read already, nothing starts; then t5.
+  for (int i = 2; i <= 4; ++i) ra.cold_open(id_of("t" + std::to_string(i)), false, opener("t" + std::to_string(i)));
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(warmed().size(), 15u);
+  ra.cold_open(id_of("t5"), false, opener("t5"));
+  wait_for(18);
+  std::this_thread::sleep_for(50ms);
+  EXPECT_EQ(warmed().size(), 18u) << "each header once";
+  const auto all = warmed();
+  std::set<std::uint8_t> unique(all.begin(), all.end());
+  EXPECT_EQ(unique.size(), 18u);
+}
+
+TEST_F(KeyReadaheadTreeTest, OpensFarApartOrUnlistedOrWithoutAnOpenerAreNoTreeWalk) {
+  ASSERT_NO_FATAL_FAILURE(make_tree(4, 2));
+  {
+    // Cold opens in two listed directories, but not within the window.
+    KeyReadaheadOptions o;
+    o.cold_open_window = 30ms;
+    KeyReadahead ra(recorder(), internal(), o, by_id());
+    for (int i = 0; i < 4; ++i) ra.listed(id_of("t" + std::to_string(i)));
+    ra.cold_open(id_of("t0"), false, opener("t0"));
+    std::this_thread::sleep_for(80ms);
+    ra.cold_open(id_of("t1"), false, opener("t1"));
+    wait_for(4);
+    std::this_thread::sleep_for(80ms);
+    EXPECT_EQ(dirs_warmed(), (std::set<int>{0, 1}));
+    EXPECT_EQ(ra.stats().tree_walks, 0u);
+  }
+  warmed_.clear();
+  {
+    // Only listed directories are read ahead: t2, t3 were never listed.
+    KeyReadahead ra(recorder(), internal(), {}, by_id());
+    ra.listed(id_of("t0"));
+    ra.listed(id_of("t1"));
+    ra.cold_open(id_of("t0"), false, opener("t0"));
+    ra.cold_open(id_of("t1"), false, opener("t1"));
+    wait_for(4);
+    std::this_thread::sleep_for(80ms);
+    EXPECT_EQ(dirs_warmed(), (std::set<int>{0, 1}));
+    EXPECT_EQ(ra.stats().tree_walks, 1u);
+  }
+  warmed_.clear();
+  {
+    // No way to open other directories: no tree walk.
+    KeyReadahead ra(recorder(), internal(), {});
+    for (int i = 0; i < 4; ++i) ra.listed(id_of("t" + std::to_string(i)));
+    ra.cold_open(id_of("t0"), false, opener("t0"));
+    ra.cold_open(id_of("t1"), false, opener("t1"));
+    wait_for(4);
+    std::this_thread::sleep_for(80ms);
+    EXPECT_EQ(dirs_warmed(), (std::set<int>{0, 1}));
+    EXPECT_EQ(ra.stats().tree_walks, 0u);
+  }
 }
 
 }  // namespace
