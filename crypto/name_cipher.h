@@ -48,6 +48,7 @@ class NameCipher {
   std::optional<std::vector<std::uint8_t>> siv_decrypt(std::span<const std::uint8_t> sealed,
                                                        std::span<const std::uint8_t> ad) const;
   SecureBuffer key_;
+  std::uint64_t id_;  // names this key's per-thread AES state
 };
 
 }  // namespace kmsfs::crypto
