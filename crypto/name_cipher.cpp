@@ -152,6 +152,7 @@ SivState& siv_state(std::uint64_t id, const SecureBuffer& key) {
   const Block zero{};
   st.d0 = st.cmac(zero);
   st.owner = id;
+  scrub_stack();  // the key expansion's temporaries
   return st;
 }
 
