@@ -61,9 +61,12 @@ Filesystem& fs_of(fuse_req_t req) {
 std::string proc_path(int fd) { return "/proc/self/fd/" + std::to_string(fd); }
 
 // Whether a request can leave key material on its thread's stack: a KMS
-// call, a data key, block encryption. Requests on names and attributes only
-// (the name cipher keeps its key schedules off the stack) need no scrub;
-// scrubbing 16 KiB after each of them was 8 % of the mount's CPU in rm -rf.
+// call, a data key, block encryption (AES code spills round keys, and the
+// first two of an AES-256 schedule are the raw key: a read of a file left
+// its DEK there, which Hardening.ClosedFileLeavesItsDataKeyNowhereInMemory
+// finds without the scrub). Requests on names and attributes only (the name
+// cipher keeps its key schedules off the stack) need no scrub; scrubbing
+// 16 KiB after each of them was 8 % of the mount's CPU in rm -rf.
 enum class Scrub { kYes, kNo };
 
 // The one place where failures of an operation become a FUSE reply: an

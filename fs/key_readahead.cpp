@@ -10,6 +10,8 @@
 #include <cstring>
 #include <span>
 
+#include "crypto/secure_buffer.h"
+
 namespace kmsfs::fs {
 
 KeyReadahead::KeyReadahead(WarmFn warm, InternalFn internal, KeyReadaheadOptions options, OpenDirFn open_dir)
@@ -225,6 +227,7 @@ void KeyReadahead::read_one(const std::shared_ptr<Job>& job, std::size_t index) 
   auto header = crypto::FileHeader::decode(std::span<const std::uint8_t>(raw, sizeof raw));
   if (!header) return;
   const Warmed w = warm_(*header);
+  crypto::scrub_stack();  // the KMS call's copies of the key
   std::lock_guard lock(mu_);
   stats_.headers++;
   if (w == Warmed::kOk) stats_.warmed++;

@@ -11,6 +11,7 @@
 #include <utility>
 #include <vector>
 
+#include "crypto/secure_buffer.h"
 #include "keyclient/logger.h"
 
 namespace kmsfs::keyclient {
@@ -75,6 +76,7 @@ struct BoundedHsm::Pool {
       lock.unlock();
       job->run(p);
       job.reset();  // its copies of inputs (key material too) are cleansed here
+      crypto::scrub_stack();  // and what the module left on this stack
       lock.lock();
       --p.busy;
       p.exit_cv.notify_all();

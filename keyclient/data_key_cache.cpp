@@ -307,6 +307,7 @@ void DataKeyPrefetcher::run() {
     req.key_spec = key_spec_;
     req.encryption_context = context_for_(k.file_id);
     auto res = kms_.generate_data_key(req);
+    crypto::scrub_stack();  // the call's copies of the key below this frame
     std::lock_guard<std::mutex> lock(mu_);
     --in_flight_;
     if (!res) {
