@@ -1,6 +1,9 @@
 #include "keyclient/audit_chain.h"
 
+#include <algorithm>
 #include <map>
+#include <stdexcept>
+#include <utility>
 
 #include "crypto/encoding.h"
 #include "crypto/sha256.h"
@@ -104,10 +107,72 @@ std::string audit_chain_hash(std::string_view prev_hash, std::string_view body) 
   return crypto::to_hex(crypto::sha256(crypto::as_bytes(input)));
 }
 
+std::string audit_json_string(std::string_view s) {
+  bool plain = true;
+  for (unsigned char c : s) {
+    if (c < 0x20 || c == '"' || c == '\\' || c >= 0x80) {
+      plain = false;
+      break;
+    }
+  }
+  if (!plain) return json(std::string(s)).dump();  // escapes, and refuses invalid UTF-8, as before
+  std::string out;
+  out.reserve(s.size() + 2);
+  out.push_back('"');
+  out.append(s);
+  out.push_back('"');
+  return out;
+}
+
+void AuditFields::add(std::string key, std::string json_value) {
+  fields_.emplace_back(std::move(key), std::move(json_value));
+}
+
+void AuditFields::add_string(std::string key, std::string_view value) {
+  add(std::move(key), audit_json_string(value));
+}
+
+AuditFields AuditFields::of(const json& event) {
+  AuditFields f;
+  if (!event.is_object()) throw std::invalid_argument("an audit event must be a JSON object");
+  for (const auto& [k, v] : event.items()) f.add(k, v.dump());
+  return f;
+}
+
+std::string AuditFields::string_value(std::string_view key) const {
+  for (auto it = fields_.rbegin(); it != fields_.rend(); ++it) {
+    if (it->first != key) continue;
+    const json v = json::parse(it->second, nullptr, false);
+    return v.is_string() ? v.get<std::string>() : std::string();
+  }
+  return {};
+}
+
+std::string AuditFields::text(std::vector<std::pair<std::string, std::string>> extra) const {
+  // Sorted by key, stable: of equal keys the last added (extra last) wins.
+  std::vector<const std::pair<std::string, std::string>*> all;
+  all.reserve(fields_.size() + extra.size());
+  for (const auto& f : fields_) all.push_back(&f);
+  for (const auto& f : extra) all.push_back(&f);
+  std::stable_sort(all.begin(), all.end(), [](const auto* a, const auto* b) { return a->first < b->first; });
+  std::string out = "{";
+  for (std::size_t i = 0; i < all.size(); ++i) {
+    if (i + 1 < all.size() && all[i + 1]->first == all[i]->first) continue;  // a later one wins
+    if (out.size() > 1) out.push_back(',');
+    out += audit_json_string(all[i]->first);
+    out.push_back(':');
+    out += all[i]->second;
+  }
+  out.push_back('}');
+  return out;
+}
+
 AuditRecordText audit_record_text(json event, std::uint64_t seq, const std::string& prev_hash) {
-  event["seq"] = seq;
-  event["prevHash"] = prev_hash;
-  std::string body = event.dump();
+  return audit_record_text(AuditFields::of(event), seq, prev_hash);
+}
+
+AuditRecordText audit_record_text(const AuditFields& event, std::uint64_t seq, const std::string& prev_hash) {
+  std::string body = event.text({{"seq", std::to_string(seq)}, {"prevHash", audit_json_string(prev_hash)}});
   body.pop_back();  // the closing brace
   AuditRecordText out;
   out.point = AuditChainPoint{seq, audit_chain_hash(prev_hash, body)};

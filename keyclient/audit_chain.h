@@ -20,6 +20,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -76,6 +77,29 @@ struct AuditRecordText {
   AuditChainPoint point;
 };
 AuditRecordText audit_record_text(nlohmann::json event, std::uint64_t seq, const std::string& prev_hash);
+
+// An event as its top-level fields, each value already JSON text: what a
+// KMS call's record is built from without a JSON tree (building and dumping
+// the tree was a third of an embedded Decrypt's CPU). The record's text is
+// the same as from the JSON object: keys in byte order, as nlohmann's
+// objects dump them; a key given twice keeps its last value.
+class AuditFields {
+ public:
+  // `json_value`: JSON text (a number, "\"quoted\"", an object's dump()).
+  void add(std::string key, std::string json_value);
+  void add_string(std::string key, std::string_view value);  // escapes like nlohmann's dump()
+  static AuditFields of(const nlohmann::json& event);        // an object's fields
+  // The value of a string field ("" when absent or not a string).
+  std::string string_value(std::string_view key) const;
+  // "{...}" with `extra` fields merged in (they win over same-named ones).
+  std::string text(std::vector<std::pair<std::string, std::string>> extra = {}) const;
+
+ private:
+  std::vector<std::pair<std::string, std::string>> fields_;
+};
+AuditRecordText audit_record_text(const AuditFields& event, std::uint64_t seq, const std::string& prev_hash);
+// A string as nlohmann's dump() writes it, quotes included.
+std::string audit_json_string(std::string_view s);
 
 // The texts the HSM MACs: a checkpoint record's "mac" covers its seq and
 // prevHash; the head's covers its seq and hash.

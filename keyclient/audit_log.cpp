@@ -325,6 +325,10 @@ KmsResult<std::int64_t> AuditLog::cut_torn_tail(struct stat& st) {
 }
 
 KmsResult<void> AuditLog::append(const json& event, AuditDurability durability) {
+  return append(AuditFields::of(event), durability);
+}
+
+KmsResult<void> AuditLog::append(const AuditFields& event, AuditDurability durability) {
   std::shared_ptr<UniqueFd> fd;
   std::uint64_t number = 0;
   {
@@ -349,7 +353,7 @@ KmsResult<void> AuditLog::append(const json& event, AuditDurability durability) 
       if (*cut < 0) out.push_back('\n');
     }
     if (auto t = load_tail(st); !t) return t;
-    const std::string event_time = event.value("eventTime", std::string());
+    const std::string event_time = event.string_value("eventTime");
     // Only a tail someone else wrote can have been cut or rewritten since
     // this object's last look: the check costs nothing per append of one
     // process, and reads the head once per change of writer.
@@ -358,26 +362,26 @@ KmsResult<void> AuditLog::append(const json& event, AuditDurability durability) 
     std::uint64_t seq = tail_seq_;
     std::string hash = tail_hash_;
     bool checkpoint = false;
-    auto add = [&](json rec) {
-      auto r = audit_record_text(std::move(rec), ++seq, hash);
+    auto add = [&](const AuditFields& rec) {
+      auto r = audit_record_text(rec, ++seq, hash);
       out += r.line;
       hash = std::move(r.point.hash);
     };
     // A record, then the checkpoint when the next seq is due for one.
-    auto add_record = [&](json rec) -> KmsResult<void> {
-      add(std::move(rec));
+    auto add_record = [&](const AuditFields& rec) -> KmsResult<void> {
+      add(rec);
       if ((seq + 1) % opts_.checkpoint_every != 0) return {};
       auto m = mac(audit_checkpoint_mac_input(seq + 1, hash));
       if (!m) return Unexpected<KmsError>(m.error());
-      add(json{{"eventType", "AuditCheckpoint"},
-               {"eventName", "AuditCheckpoint"},
-               {"eventTime", event_time},
-               {"mac", crypto::to_hex(*m)}});
+      add(AuditFields::of(json{{"eventType", "AuditCheckpoint"},
+                               {"eventName", "AuditCheckpoint"},
+                               {"eventTime", event_time},
+                               {"mac", crypto::to_hex(*m)}}));
       checkpoint = true;
       return {};
     };
     if (tampered) {
-      if (auto r = add_record(std::move(*tampered)); !r) return r;
+      if (auto r = add_record(AuditFields::of(*tampered)); !r) return r;
     }
     if (auto r = add_record(event); !r) return r;
     Tail head;

@@ -90,6 +90,7 @@ class AuditLog {
   // Appends `event` (a JSON object without seq/prevHash/hash) and, when
   // due, a checkpoint, with one write(2).
   KmsResult<void> append(const nlohmann::json& event, AuditDurability durability);
+  KmsResult<void> append(const AuditFields& event, AuditDurability durability);
   // fdatasyncs everything this object appended, then writes STATE/audit.head
   // for the current tail (MACed in the HSM).
   KmsResult<void> write_head();

@@ -343,7 +343,7 @@ json KmsCore::Impl::audit_params(const json& req) {
   return out;
 }
 
-json KmsCore::Impl::audit_event(const Call& call, const KmsError* error) const {
+AuditFields KmsCore::Impl::audit_event(const Call& call, const KmsError* error) const {
   const double now = clock();
   std::string exe;
   if (call.caller.pid > 0 && call.caller.pid == self_pid) {
@@ -354,33 +354,33 @@ json KmsCore::Impl::audit_event(const Call& call, const KmsError* error) const {
     ssize_t n = call.caller.pid > 0 ? ::readlink(link.c_str(), buf, sizeof buf - 1) : -1;
     if (n > 0) exe.assign(buf, static_cast<std::size_t>(n));
   }
-  json ident{{"type", "LocalUser"},
-             {"uid", call.caller.uid},
-             {"gid", call.caller.gid},
-             {"pid", call.caller.pid},
-             {"exe", exe},
-             {"accountId", kAccount}};
-  if (!call.principal.user_name.empty()) ident["userName"] = call.principal.user_name;
-  json e{{"eventVersion", "1.08"},
-         {"eventTime", iso8601_utc(now)},
-         {"eventSource", "kms.amazonaws.com"},
-         {"eventName", call.operation},
-         {"eventType", "AwsApiCall"},
-         {"awsRegion", "local"},
-         {"sourceIPAddress", "local"},
-         {"userIdentity", ident},
-         {"requestParameters", call.params},
-         {"responseElements", nullptr},
-         {"requestID", random_hex(16)},
-         {"eventID", random_hex(16)},
-         {"readOnly", call.read_only},
-         {"resources", call.resources},
-         {"recipientAccountId", kAccount},
-         {"managementEvent", true},
-         {"eventCategory", "Management"}};
+  // userIdentity's keys in byte order, as a JSON object dumps them.
+  std::string ident = "{\"accountId\":" + audit_json_string(kAccount) + ",\"exe\":" + audit_json_string(exe) +
+                      ",\"gid\":" + std::to_string(call.caller.gid) + ",\"pid\":" + std::to_string(call.caller.pid) +
+                      ",\"type\":\"LocalUser\",\"uid\":" + std::to_string(call.caller.uid);
+  if (!call.principal.user_name.empty()) ident += ",\"userName\":" + audit_json_string(call.principal.user_name);
+  ident.push_back('}');
+  AuditFields e;
+  e.add_string("eventVersion", "1.08");
+  e.add_string("eventTime", iso8601_utc(now));
+  e.add_string("eventSource", "kms.amazonaws.com");
+  e.add_string("eventName", call.operation);
+  e.add_string("eventType", "AwsApiCall");
+  e.add_string("awsRegion", "local");
+  e.add_string("sourceIPAddress", "local");
+  e.add("userIdentity", std::move(ident));
+  e.add("requestParameters", call.params.dump());
+  e.add("responseElements", "null");
+  e.add_string("requestID", random_hex(16));
+  e.add_string("eventID", random_hex(16));
+  e.add("readOnly", call.read_only ? "true" : "false");
+  e.add("resources", call.resources.dump());
+  e.add_string("recipientAccountId", kAccount);
+  e.add("managementEvent", "true");
+  e.add_string("eventCategory", "Management");
   if (error != nullptr) {
-    e["errorCode"] = std::string(error->name());
-    e["errorMessage"] = error->message;
+    e.add_string("errorCode", error->name());
+    e.add_string("errorMessage", error->message);
   }
   return e;
 }

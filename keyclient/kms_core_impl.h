@@ -127,7 +127,7 @@ struct KmsCore::Impl {
   // --- plumbing
   Principal principal_of(const CallerIdentity& c);
   void maybe_maintain();
-  json audit_event(const Call& call, const KmsError* error) const;
+  AuditFields audit_event(const Call& call, const KmsError* error) const;
   template <class T, class Fn>
   KmsResult<T> run(const CallerIdentity& caller, const char* operation, bool read_only, Fn&& fn);
   KmsResult<json> run_json(const CallerIdentity& caller, const char* operation, bool read_only, const json& req,

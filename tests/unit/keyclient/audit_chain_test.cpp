@@ -73,6 +73,47 @@ AuditVerifyReport verify(const std::string& log, std::optional<std::string> head
 
 bool contains(const std::string& s, const std::string& part) { return s.find(part) != std::string::npos; }
 
+// A record built field by field is byte for byte the record of the same
+// event built as a JSON object: escapes, non-ASCII text, nesting, a key
+// given twice, seq and prevHash in their sorted places.
+TEST(AuditChain, FieldsAndJsonObjectsMakeTheSameRecord) {
+  const std::string odd = std::string("quote\" back\\ tab\t nl\n ctl") + '\x01' + " del\x7f caf\xc3\xa9 /slash";
+  json obj{{"eventName", "Decrypt"},
+           {"eventTime", "2026-11-30T10:00:00Z"},
+           {"zeta", 1},
+           {"Alpha", -5},
+           {"errorMessage", odd},
+           {"nested", {{"b", {1, 2, "x"}}, {"a", nullptr}}},
+           {"readOnly", true},
+           {"userIdentity", {{"uid", 0}, {"userName", odd}, {"type", "LocalUser"}}}};
+  AuditFields f;
+  f.add("zeta", "7");  // overwritten below: the last value wins
+  f.add_string("eventTime", "2026-11-30T10:00:00Z");
+  f.add_string("eventName", "Decrypt");
+  f.add("zeta", "1");
+  f.add("Alpha", "-5");
+  f.add_string("errorMessage", odd);
+  f.add("nested", obj["nested"].dump());
+  f.add("readOnly", "true");
+  f.add("userIdentity", obj["userIdentity"].dump());
+  const auto a = audit_record_text(obj, 42, kAuditZeroHash);
+  const auto b = audit_record_text(f, 42, kAuditZeroHash);
+  EXPECT_EQ(a.line, b.line);
+  EXPECT_EQ(a.point.hash, b.point.hash);
+  EXPECT_EQ(f.string_value("eventTime"), "2026-11-30T10:00:00Z");
+  EXPECT_EQ(f.string_value("zeta"), "");
+  EXPECT_EQ(f.string_value("missing"), "");
+  // The line is the object plus seq and prevHash as nlohmann dumps it.
+  obj["seq"] = 42;
+  obj["prevHash"] = kAuditZeroHash;
+  std::string expected = obj.dump();
+  expected.pop_back();
+  EXPECT_EQ(a.line.substr(0, expected.size()), expected);
+  EXPECT_EQ(audit_json_string(odd), json(odd).dump());
+  EXPECT_EQ(audit_json_string("plain"), "\"plain\"");
+  EXPECT_THROW(audit_json_string("bad \xff utf-8"), json::exception);
+}
+
 TEST(AuditChain, LogAsWrittenVerifiesWithCheckpointAndHead) {
   Chain c = three_events();
   c.add_checkpoint();

@@ -786,6 +786,15 @@ TEST_F(KmsLifecycleTest, AuditRecordsEveryCallAllowedDeniedOrFailed) {
   EXPECT_EQ(all.find(blob), std::string::npos);
   auto v = ok("VerifyAuditLog", json::object());
   EXPECT_TRUE(v["Valid"]) << v.dump();
+  // Every record is its JSON object as nlohmann dumps it (keys in byte
+  // order, no spaces), then the hash field: the records built field by
+  // field read exactly as those built as JSON trees.
+  for (const auto& l : lines) {
+    const auto at = l.rfind(",\"hash\":\"");
+    ASSERT_NE(at, std::string::npos) << l;
+    const std::string body = l.substr(0, at) + "}";
+    EXPECT_EQ(json::parse(body).dump(), body);
+  }
   auto s = ok("SearchAuditLog", {{"KeyId", k}, {"EventName", "Decrypt"}});
   EXPECT_EQ(s["Events"].size(), 2u);
   EXPECT_EQ(code("VerifyAuditLog", json::object(), nobody_), KmsErrorCode::AccessDeniedException);
