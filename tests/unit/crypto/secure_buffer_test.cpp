@@ -260,7 +260,9 @@ __attribute__((noinline)) void leave_mark_on_stack() {
 }
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 __attribute__((noinline)) std::size_t marks_left_on_stack() {
   volatile std::uint8_t area[4096];
   __asm__ __volatile__("" : : "r"(area) : "memory");
