@@ -34,6 +34,6 @@ CONCURRENT='AuditLog.ConcurrentAppendersKeepOneChain:DataKeyCache.ConcurrentUseI
 CONCURRENT+=':KmsCoreTest.DefaultManagedKeyIsCreatedOnceByTwoCores:KmsCoreTest.TwoCoresCreatingConcurrentlyLoseNothing'
 CONCURRENT+=':KmsCoreMaintenance.*:Pkcs11Hsm.ConcurrentCallersShareASmallPool:BoundedHsm.*'
 "$BUILD/tests/unit/keyclient/keyclient_unit_tests" --gtest_filter="$CONCURRENT" || failed=1
-"$BUILD/tests/unit/fs/fs_unit_tests" --gtest_filter='KeyReadaheadTest.*' || failed=1
+"$BUILD/tests/unit/fs/fs_unit_tests" --gtest_filter='KeyReadaheadTest.*:KeyReadaheadTreeTest.*' || failed=1
 "$BUILD/tests/integration/kmsd_tests" --gtest_filter='Kmsd.FiftyConcurrentClientsGetCorrectDataKeys' || failed=1
 exit $failed
