@@ -124,9 +124,14 @@ struct TypedJob final : Job {
     std::lock_guard<std::mutex> lock(p.mu);
     if (slot->given_up) {
       --p.abandoned;
-      const auto took = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
-                                                                              slot->start_time);
-      log()->warn("an abandoned HSM call ({}) returned after {} ms", what, took.count());
+      // After shutdown this thread is detached and may return while the
+      // process exits, when the logger registry is already destroyed: it
+      // logs nothing then (a use after free that ASan found).
+      if (!p.stopping) {
+        const auto took = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::steady_clock::now() -
+                                                                                slot->start_time);
+        log()->warn("an abandoned HSM call ({}) returned after {} ms", what, took.count());
+      }
       return;
     }
     slot->result.emplace(std::move(r));

@@ -263,7 +263,11 @@ TEST_F(HsmFault, MountSurvivesFaultsAndRecovers) {
   ::close(open_fd);
 
   // Everything written reads back after a remount without faults.
-  EXPECT_EQ(m.stop(), 0);
+  {
+    const int stopped = m.stop();
+    const std::string text = slurp(log);
+    EXPECT_EQ(stopped, 0) << "the server's log ends:\n" << text.substr(text.size() > 6000 ? text.size() - 6000 : 0);
+  }
   ASSERT_NO_THROW(m.start());
   EXPECT_EQ(read_file(mnt + "/before"), data);
   for (const char* name : {"after-CKR_DEVICE_ERROR", "reopened", "slow", "after-hang"}) {
