@@ -77,20 +77,25 @@ struct SivState {
     }
   }
 
-  // CMAC(K1, m) (RFC 4493).
-  Block cmac(std::span<const std::uint8_t> m) {
+  // CMAC(K1, m) (RFC 4493); with `xorend`, of m with it XORed into m's
+  // last 16 bytes (S2V's "xorend", without a copy of m).
+  Block cmac(std::span<const std::uint8_t> m, const Block* xorend = nullptr) {
+    const std::size_t tail = xorend != nullptr ? m.size() - 16 : m.size();
+    auto at = [&](std::size_t i) -> std::uint8_t {
+      return i < tail ? m[i] : static_cast<std::uint8_t>(m[i] ^ (*xorend)[i - tail]);
+    };
     Block x{};
     std::size_t n = (m.size() + 15) / 16;
     const bool complete = n > 0 && m.size() % 16 == 0;
     if (n == 0) n = 1;
     for (std::size_t i = 0; i + 1 < n; ++i) {
-      for (std::size_t j = 0; j < 16; ++j) x[j] ^= m[16 * i + j];
+      for (std::size_t j = 0; j < 16; ++j) x[j] ^= at(16 * i + j);
       encrypt_block(x.data(), x.data());
     }
     const std::size_t last = 16 * (n - 1);
     const std::size_t rest = m.size() - last;
     for (std::size_t j = 0; j < 16; ++j) {
-      std::uint8_t b = j < rest ? m[last + j] : (j == rest ? 0x80 : 0);
+      std::uint8_t b = j < rest ? at(last + j) : (j == rest ? 0x80 : 0);
       x[j] ^= b ^ (complete ? sub1[j] : sub2[j]);
     }
     encrypt_block(x.data(), x.data());
@@ -103,14 +108,7 @@ struct SivState {
     dbl(d);
     const Block a = cmac(ad);
     for (std::size_t j = 0; j < 16; ++j) d[j] ^= a[j];
-    if (p.size() >= 16) {
-      // p xorend d, through a copy (p is read-only).
-      std::vector<std::uint8_t> t(p.begin(), p.end());
-      for (std::size_t j = 0; j < 16; ++j) t[t.size() - 16 + j] ^= d[j];
-      Block v = cmac(t);
-      OPENSSL_cleanse(t.data(), t.size());
-      return v;
-    }
+    if (p.size() >= 16) return cmac(p, &d);  // CMAC(p xorend d)
     dbl(d);
     for (std::size_t j = 0; j < 16; ++j) d[j] ^= j < p.size() ? p[j] : (j == p.size() ? 0x80 : 0);
     return cmac(d);

@@ -381,7 +381,7 @@ void Filesystem::getattr(fuse_req_t req, fuse_ino_t ino, fuse_file_info*) {
   fuse_reply_attr(req, &st, settings_.attr_timeout);
 }
 
-bool Filesystem::times_already_set(Inode& inode, const struct stat* attr, int to_set) const {
+bool Filesystem::times_already_set(Inode& inode, const struct stat* attr, int to_set, struct stat* cur) {
   // With the writeback cache the kernel keeps a regular file's times itself
   // and writes them back with a SETATTR when it drops the inode: after each
   // unlink, for one, times the backing file already has. Setting them again
@@ -389,11 +389,10 @@ bool Filesystem::times_already_set(Inode& inode, const struct stat* attr, int to
   // us for such a file.
   if (!writeback_cache_on_ || inode.type != S_IFREG) return false;
   if ((to_set & (FUSE_SET_ATTR_ATIME_NOW | FUSE_SET_ATTR_MTIME_NOW)) != 0) return false;
-  struct stat cur {};
-  if (::fstatat(inode.fd.get(), "", &cur, AT_EMPTY_PATH | AT_SYMLINK_NOFOLLOW) != 0) return false;
+  if (stat_inode(inode, cur) != 0) return false;
   auto same = [](const timespec& a, const timespec& b) { return a.tv_sec == b.tv_sec && a.tv_nsec == b.tv_nsec; };
-  if ((to_set & FUSE_SET_ATTR_ATIME) != 0 && !same(attr->st_atim, cur.st_atim)) return false;
-  if ((to_set & FUSE_SET_ATTR_MTIME) != 0 && !same(attr->st_mtim, cur.st_mtim)) return false;
+  if ((to_set & FUSE_SET_ATTR_ATIME) != 0 && !same(attr->st_atim, cur->st_atim)) return false;
+  if ((to_set & FUSE_SET_ATTR_MTIME) != 0 && !same(attr->st_mtim, cur->st_mtim)) return false;
   return true;
 }
 
@@ -445,7 +444,12 @@ void Filesystem::setattr(fuse_req_t req, fuse_ino_t ino, struct stat* attr, int 
     if (err == 0) err = kill_suid_sgid_if_asked(fd);
     if (err != 0) return (void)fuse_reply_err(req, err);
   }
-  if ((to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME)) != 0 && !times_already_set(inode, attr, to_set)) {
+  if ((to_set & (FUSE_SET_ATTR_ATIME | FUSE_SET_ATTR_MTIME)) != 0) {
+    struct stat cur {};
+    if (times_already_set(inode, attr, to_set, &cur)) {
+      // The attributes just read are the answer: they follow every change above.
+      return (void)fuse_reply_attr(req, &cur, settings_.attr_timeout);
+    }
     struct timespec tv[2];
     tv[0].tv_sec = 0;
     tv[1].tv_sec = 0;

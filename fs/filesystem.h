@@ -127,8 +127,9 @@ class Filesystem {
   // Looks the backing entry `name` up under `parent`, taking one lookup
   // reference; 0 or errno.
   int do_lookup(Inode& parent, const char* name, fuse_entry_param* e);
-  // A SETATTR of times the backing file has already (see setattr).
-  bool times_already_set(Inode& inode, const struct stat* attr, int to_set) const;
+  // A SETATTR of times the backing file has already (see setattr); `cur`
+  // gets the inode's attributes (as stat_inode gives them) when it is.
+  bool times_already_set(Inode& inode, const struct stat* attr, int to_set, struct stat* cur);
   int stat_inode(Inode& inode, struct stat* st);
   // Plaintext view of a backing stat: sizes of files and symlinks.
   void to_plain_attr(int fd, struct stat* st) const;

@@ -102,22 +102,22 @@ void KeyReadahead::cold_open(DirId dir, bool at_root, const std::function<Unique
 }
 
 std::vector<KeyReadahead::DirId> KeyReadahead::pick_tree_locked(DirId walked, Clock::time_point now) {
-  std::vector<std::pair<Clock::time_point, DirId>> listed;
-  for (const auto& [id, s] : dirs_) {
-    if (id == walked || s.scanning || s.listed == Clock::time_point{}) continue;
+  std::vector<std::pair<Clock::time_point, std::map<DirId, DirState>::iterator>> listed;
+  for (auto it = dirs_.begin(); it != dirs_.end(); ++it) {
+    const DirState& s = it->second;
+    if (it->first == walked || s.scanning || s.listed == Clock::time_point{}) continue;
     if (now - s.listed > opts_.listed_window) continue;
     if (s.scanned != Clock::time_point{} && now - s.scanned < opts_.rescan_after) continue;
-    listed.emplace_back(s.listed, id);
+    listed.emplace_back(s.listed, it);
   }
-  std::sort(listed.begin(), listed.end());
+  std::stable_sort(listed.begin(), listed.end(), [](const auto& a, const auto& b) { return a.first < b.first; });
   if (listed.size() > opts_.tree_directories) listed.resize(opts_.tree_directories);
   std::vector<DirId> out;
   out.reserve(listed.size());
-  for (const auto& [when, id] : listed) {
-    DirState& s = dirs_[id];
-    s.scanning = true;
-    s.scanned = now;
-    out.push_back(id);
+  for (auto& [when, it] : listed) {
+    it->second.scanning = true;
+    it->second.scanned = now;
+    out.push_back(it->first);
   }
   return out;
 }

@@ -142,7 +142,13 @@ AuditFields AuditFields::of(const json& event) {
 std::string AuditFields::string_value(std::string_view key) const {
   for (auto it = fields_.rbegin(); it != fields_.rend(); ++it) {
     if (it->first != key) continue;
-    const json v = json::parse(it->second, nullptr, false);
+    const std::string& text = it->second;
+    // As audit_json_string writes a plain string; anything else is parsed.
+    if (text.size() >= 2 && text.front() == '"' && text.back() == '"' &&
+        text.find('\\') == std::string::npos) {
+      return text.substr(1, text.size() - 2);
+    }
+    const json v = json::parse(text, nullptr, false);
     return v.is_string() ? v.get<std::string>() : std::string();
   }
   return {};
