@@ -121,7 +121,7 @@ long EncryptedFile::read(std::uint64_t plain_size, std::uint64_t off,
   }
   if (got != stored_len) {
     logger()->error("cannot read {}: backing file is shorter than its size implies (truncated "
-                    "or changed outside the mount)", label_);
+                    "or changed outside the mount)", describe_());
     return -EIO;
   }
 
@@ -137,7 +137,7 @@ long EncryptedFile::read(std::uint64_t plain_size, std::uint64_t off,
     std::uint8_t* dst = whole ? out.data() + copied : plain_tmp;
     if (!open_block(b, std::span(sb, len + bl::kBlockOverhead), dst)) {
       logger()->error("cannot read {}: block {} failed authentication (corrupt or tampered "
-                      "ciphertext)", label_, b);
+                      "ciphertext)", describe_(), b);
       return -EIO;
     }
     if (!whole) std::memcpy(out.data() + copied, plain_tmp + from, to - from);
@@ -161,12 +161,12 @@ int EncryptedFile::read_block(std::uint64_t block, std::uint64_t len, std::uint8
     got += static_cast<std::size_t>(n);
   }
   if (got != want) {
-    logger()->error("cannot update {}: backing file ends inside block {}", label_, block);
+    logger()->error("cannot update {}: backing file ends inside block {}", describe_(), block);
     return -EIO;
   }
   if (!open_block(block, std::span(stored, want), out)) {
     logger()->error("cannot update {}: block {} failed authentication (corrupt or tampered "
-                    "ciphertext)", label_, block);
+                    "ciphertext)", describe_(), block);
     return -EIO;
   }
   return 0;
@@ -196,7 +196,7 @@ int EncryptedFile::preallocate(std::uint64_t off, std::uint64_t len) const {
 }
 
 long EncryptedFile::write(std::uint64_t plain_size, std::uint64_t off,
-                          std::span<const std::uint8_t> data) const {
+                          std::span<const std::uint8_t> data, std::uint64_t allocated_end) const {
   if (data.empty()) return 0;
   const std::uint64_t end = off + data.size();
   const std::uint64_t new_size = std::max(plain_size, end);
@@ -212,7 +212,8 @@ long EncryptedFile::write(std::uint64_t plain_size, std::uint64_t off,
   const std::uint64_t stored_begin = bl::stored_offset(begin_block);
   const std::uint64_t stored_end =
       bl::stored_offset(last) + bl::block_plain_len(last, new_size) + bl::kBlockOverhead;
-  if (int rc = preallocate(stored_begin, stored_end - stored_begin); rc != 0) return rc;
+  const std::uint64_t reserve_from = std::max(stored_begin, std::min(allocated_end, stored_end));
+  if (int rc = preallocate(reserve_from, stored_end - reserve_from); rc != 0) return rc;
 
   std::uint8_t* const buf = scratch((stored_end - stored_begin) + bl::kBlockSize);
   std::uint8_t* out = buf;

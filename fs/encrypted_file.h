@@ -12,6 +12,7 @@
 // block or header is changed.
 
 #include <cstdint>
+#include <functional>
 #include <span>
 #include <string>
 
@@ -27,9 +28,13 @@ struct FileKey {
 
 class EncryptedFile {
  public:
-  // `label` names the file in log lines (never contents or keys).
+  // `describe` names the file in log lines (never contents or keys); it is
+  // called only when a line is logged.
+  using Describe = std::function<std::string()>;
+  EncryptedFile(int fd, const FileKey& key, Describe describe)
+      : fd_(fd), key_(key), describe_(std::move(describe)) {}
   EncryptedFile(int fd, const FileKey& key, std::string label)
-      : fd_(fd), key_(key), label_(std::move(label)) {}
+      : EncryptedFile(fd, key, [label = std::move(label)] { return label; }) {}
 
   // Reads plaintext [off, off + out.size()) clipped to `plain_size`.
   // Returns bytes read, or -errno (-EIO for a block that fails
@@ -37,8 +42,12 @@ class EncryptedFile {
   long read(std::uint64_t plain_size, std::uint64_t off, std::span<std::uint8_t> out) const;
 
   // Writes `data` at `off`; returns data.size() or -errno. The new plaintext
-  // size is max(plain_size, off + data.size()).
-  long write(std::uint64_t plain_size, std::uint64_t off, std::span<const std::uint8_t> data) const;
+  // size is max(plain_size, off + data.size()). `allocated_end`: the caller
+  // knows that stored bytes [0, allocated_end) have space on the backing
+  // filesystem (no holes there), so only the range past it is reserved
+  // before writing; 0 when it does not know.
+  long write(std::uint64_t plain_size, std::uint64_t off, std::span<const std::uint8_t> data,
+             std::uint64_t allocated_end = 0) const;
 
   // Changes the plaintext size from `plain_size` to `new_size` (> 0; a
   // truncate to zero drops the header and is the caller's job). 0 or -errno.
@@ -62,7 +71,7 @@ class EncryptedFile {
 
   int fd_;
   const FileKey& key_;
-  std::string label_;
+  Describe describe_;
 };
 
 }  // namespace kmsfs::fs

@@ -817,6 +817,10 @@ Result<std::shared_ptr<const FileKey>, int> Filesystem::key_for_write(
         (void)::ftruncate(fd, 0);
         return unexpected(err);
       }
+      if (settings_.cache_sizes) {
+        inode.stored_size.store(static_cast<std::int64_t>(bytes.size()));
+        inode.dense = 1;
+      }
       auto key = share_key(std::move(fresh->key));
       std::lock_guard sl(inode.state_mutex);
       inode.key = key;
@@ -860,6 +864,10 @@ int Filesystem::prepare_new_key(Inode& inode) {
 
 int Filesystem::truncate_locked(Inode& inode, int fd, std::uint64_t new_size, const FileKey* key,
                                 std::unique_lock<std::shared_mutex>&) {
+  // Whatever happens below, the next read or write states the file again
+  // (an extension leaves a hole; a failure may leave any size).
+  inode.stored_size.store(-1);
+  inode.dense = -1;
   struct stat st {};
   if (::fstat(fd, &st) != 0) return errno;
   if (new_size == 0) {
@@ -1033,6 +1041,20 @@ void Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name, mod
   }
 }
 
+Result<std::uint64_t, int> Filesystem::stored_size_of(Inode& inode, int fd) const {
+  const std::int64_t known = inode.stored_size.load();
+  if (known >= 0) return static_cast<std::uint64_t>(known);
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return unexpected(errno);
+  if (settings_.cache_sizes) inode.stored_size.store(static_cast<std::int64_t>(st.st_size));
+  return static_cast<std::uint64_t>(st.st_size);
+}
+
+std::string Filesystem::describe(Inode& inode) {
+  std::lock_guard sl(inode.state_mutex);
+  return "'" + inode.label + "' (backing inode " + std::to_string(inode.ino) + ")";
+}
+
 void Filesystem::read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fuse_file_info* fi) {
   Inode& inode = inode_of(ino);
   const int fd = static_cast<int>(fi->fh);
@@ -1041,13 +1063,12 @@ void Filesystem::read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fu
   long n = 0;
   {
     std::shared_lock lock(inode.content);
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-      int err = errno;
+    auto stored = stored_size_of(inode, fd);
+    if (!stored) {
       lock.unlock();
-      return (void)fuse_reply_err(req, err);
+      return (void)fuse_reply_err(req, stored.error());
     }
-    const std::uint64_t plain = bl::plain_size(static_cast<std::uint64_t>(st.st_size));
+    const std::uint64_t plain = bl::plain_size(*stored);
     if (plain > static_cast<std::uint64_t>(off)) {
       std::shared_ptr<const FileKey> key;
       {
@@ -1063,12 +1084,7 @@ void Filesystem::read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off, fu
         }
         key = *loaded;
       }
-      std::string label;
-      {
-        std::lock_guard sl(inode.state_mutex);
-        label = "'" + inode.label + "' (backing inode " + std::to_string(inode.ino) + ")";
-      }
-      EncryptedFile file(fd, *key, label);
+      EncryptedFile file(fd, *key, [&inode] { return describe(inode); });
       n = file.read(plain, static_cast<std::uint64_t>(off), std::span(out, size));
     }
   }
@@ -1089,25 +1105,37 @@ void Filesystem::write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t s
       if (lock.owns_lock()) lock.unlock();
       return (void)fuse_reply_err(req, key.error());
     }
-    struct stat st {};
-    if (::fstat(fd, &st) != 0) {
-      int err = errno;
+    auto stored = stored_size_of(inode, fd);
+    if (!stored) {
       lock.unlock();
-      return (void)fuse_reply_err(req, err);
+      return (void)fuse_reply_err(req, stored.error());
     }
     if (int err = kill_suid_sgid_if_asked(fd); err != 0) {
       lock.unlock();
       return (void)fuse_reply_err(req, err);
     }
-    std::string label;
-    {
-      std::lock_guard sl(inode.state_mutex);
-      label = "'" + inode.label + "' (backing inode " + std::to_string(inode.ino) + ")";
+    const std::uint64_t plain = bl::plain_size(*stored);
+    const std::uint64_t first = bl::block_index(static_cast<std::uint64_t>(off));
+    const std::uint64_t blocks = (plain + bl::kBlockSize - 1) / bl::kBlockSize;
+    if (settings_.cache_sizes && inode.dense < 0 && first < blocks) {
+      // The first write into the file's blocks: whether it has holes.
+      const off_t hole = ::lseek(fd, 0, SEEK_HOLE);
+      inode.dense = hole >= 0 && static_cast<std::uint64_t>(hole) >= *stored ? 1 : 0;
     }
-    EncryptedFile file(fd, **key, label);
-    n = file.write(bl::plain_size(static_cast<std::uint64_t>(st.st_size)),
-                   static_cast<std::uint64_t>(off),
-                   std::span(reinterpret_cast<const std::uint8_t*>(buf), size));
+    EncryptedFile file(fd, **key, [&inode] { return describe(inode); });
+    n = file.write(plain, static_cast<std::uint64_t>(off),
+                   std::span(reinterpret_cast<const std::uint8_t*>(buf), size),
+                   settings_.cache_sizes && inode.dense == 1 ? *stored : 0);
+    if (n < 0) {
+      inode.stored_size.store(-1);  // a failed write may have changed anything
+      inode.dense = -1;
+    } else if (settings_.cache_sizes) {
+      const std::uint64_t end = static_cast<std::uint64_t>(off) + static_cast<std::uint64_t>(n);
+      inode.stored_size.store(static_cast<std::int64_t>(bl::stored_size(std::max(plain, end))));
+      if (first > blocks) inode.dense = 0;  // blocks skipped: a hole
+    } else {
+      inode.dense = -1;
+    }
   }
   if (n < 0) return (void)fuse_reply_err(req, static_cast<int>(-n));
   fuse_reply_write(req, static_cast<size_t>(n));

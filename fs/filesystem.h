@@ -36,6 +36,10 @@ struct FsSettings {
   bool writeback_cache = true;
   bool kernel_cache = false;
   bool read_only = false;
+  // Each regular file's backing size is kept per inode between requests
+  // (Inode::stored_size). Off when other mounts change the same backing
+  // files (-o shared_storage): every read and write states the file.
+  bool cache_sizes = true;
   // Key read-ahead (fs/key_readahead.h): headers read per directory chunk;
   // 0 = off. Needs the DEK cache.
   std::size_t key_readahead = 0;
@@ -54,6 +58,17 @@ struct Inode {
   // Serialises content changes of a regular file: shared for read and
   // getattr, exclusive for write, truncate and header creation.
   std::shared_mutex content;
+  // Regular files: the backing file's size in bytes, -1 while not known.
+  // Changed with `content` held exclusively (write, truncate, header
+  // creation: every change of the size goes through them); a reader holding
+  // it shared may fill in an unknown size from fstat (all such readers store
+  // the same value). Saves an fstat per read and per write. Always -1 when
+  // FsSettings::cache_sizes is off.
+  std::atomic<std::int64_t> stored_size{-1};
+  // Whether the backing file has no holes before its end: 1 yes, 0 maybe,
+  // -1 not known yet. Only under `content` held exclusively. A write inside
+  // a file without holes needs no space reserved first.
+  int dense = -1;
 
   std::mutex state_mutex;
   // Guarded by state_mutex. The data key is present while the file is open
@@ -169,6 +184,11 @@ class Filesystem {
   Result<std::shared_ptr<const FileKey>, int> key_for_write(Inode& inode, int fd,
                                                             std::unique_lock<std::shared_mutex>& lock);
   void drop_key_if_closed(Inode& inode);
+  // The backing file's size (Inode::stored_size), from fstat when not known.
+  // Under inode.content, shared or exclusive.
+  Result<std::uint64_t, int> stored_size_of(Inode& inode, int fd) const;
+  // "'name' (backing inode N)", for log lines.
+  static std::string describe(Inode& inode);
   // Returns `err`; for EMFILE/ENFILE first logs (at most every 30 s) what
   // to do about it.
   int note_open_error(int err);

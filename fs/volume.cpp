@@ -457,6 +457,7 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
   settings.writeback_cache = opts.writeback_cache && !opts.read_only && !opts.shared_storage;
   settings.kernel_cache = opts.kernel_cache && !opts.shared_storage;
   settings.read_only = opts.read_only;
+  settings.cache_sizes = !opts.shared_storage;
   settings.key_readahead = opts.key_cache ? opts.key_readahead : 0;
   Filesystem filesystem(std::move(root), keys, impl_->names, settings);
 

@@ -830,5 +830,100 @@ TEST(FullBackingStore, EnospcFailsCleanlyAndKeepsServing) {
   }
 }
 
+// The mount reserves space before a write only where the backing file may
+// lack it (Inode::dense): on a full store an overwrite of written blocks
+// still succeeds, and a write into a hole fails with ENOSPC or succeeds
+// whole, block by block, never leaving a torn block behind.
+TEST(FullBackingStore, OverwritesSucceedAndWritesIntoHolesFailCleanly) {
+  TempKms kms;
+  const std::string small = kms.root() + "/small";
+  ASSERT_EQ(::mkdir(small.c_str(), 0700), 0);
+  ASSERT_EQ(::mount("tmpfs", small.c_str(), "tmpfs", 0, "size=2m"), 0) << std::strerror(errno);
+  struct Unmounter {
+    std::string path;
+    ~Unmounter() { ::umount2(path.c_str(), MNT_DETACH); }
+  } unmounter{small};
+  Mount vol(small, "vol");
+  vol.mount();
+  auto dense_data = random_bytes(262144, 91);
+  Fd dense(::open(vol.path("dense").c_str(), O_RDWR | O_CREAT, 0644));
+  ASSERT_GE(dense.fd, 0);
+  ASSERT_EQ(pwrite_all(dense.fd, dense_data.data(), dense_data.size(), 0), static_cast<ssize_t>(dense_data.size()));
+  ASSERT_EQ(::fsync(dense.fd), 0);
+  // A first overwrite: the mount learns the file has no holes.
+  auto patch = random_bytes(4096, 92);
+  ASSERT_EQ(pwrite_all(dense.fd, patch.data(), patch.size(), 8192), static_cast<ssize_t>(patch.size()));
+  ASSERT_EQ(::fsync(dense.fd), 0);
+  std::copy(patch.begin(), patch.end(), dense_data.begin() + 8192);
+
+  const off_t sparse_size = 1 << 20;
+  auto head = random_bytes(4096, 93);
+  Fd sparse(::open(vol.path("sparse").c_str(), O_RDWR | O_CREAT, 0644));
+  ASSERT_GE(sparse.fd, 0);
+  ASSERT_EQ(pwrite_all(sparse.fd, head.data(), head.size(), 0), static_cast<ssize_t>(head.size()));
+  ASSERT_EQ(::ftruncate(sparse.fd, sparse_size), 0);
+  ASSERT_EQ(pwrite_all(sparse.fd, head.data(), head.size(), 0), static_cast<ssize_t>(head.size()));  // an overwrite: holes seen
+  ASSERT_EQ(::fsync(sparse.fd), 0);
+
+  // Fill the store.
+  {
+    Fd filler(::open(vol.path("filler").c_str(), O_WRONLY | O_CREAT, 0644));
+    ASSERT_GE(filler.fd, 0);
+    auto chunk = random_bytes(65536, 94);
+    off_t at = 0;
+    int err = 0;
+    for (int i = 0; i < 100 && err == 0; ++i) {
+      if (pwrite_all(filler.fd, chunk.data(), chunk.size(), at) < 0 || ::fsync(filler.fd) != 0) {
+        err = errno;
+      } else {
+        at += static_cast<off_t>(chunk.size());
+      }
+    }
+    ASSERT_EQ(err, ENOSPC);
+  }
+
+  // Overwriting written blocks needs no new space.
+  auto over = random_bytes(65536, 95);
+  EXPECT_EQ(pwrite_all(dense.fd, over.data(), over.size(), 100000), static_cast<ssize_t>(over.size())) << std::strerror(errno);
+  EXPECT_EQ(::fsync(dense.fd), 0) << std::strerror(errno);
+  std::copy(over.begin(), over.end(), dense_data.begin() + 100000);
+  std::vector<std::uint8_t> got(dense_data.size());
+  ASSERT_EQ(::pread(dense.fd, got.data(), got.size(), 0), static_cast<ssize_t>(got.size())) << std::strerror(errno);
+  EXPECT_TRUE(got == dense_data) << "the overwritten file reads back wrong";
+
+  // Into the hole: ENOSPC or success, each 4 KiB block either new or zeros.
+  auto into_hole = random_bytes(65536, 96);
+  const off_t hole_at = 524288;
+  const bool wrote = pwrite_all(sparse.fd, into_hole.data(), into_hole.size(), hole_at) >= 0;
+  const int werr = wrote ? 0 : errno;
+  const bool synced = ::fsync(sparse.fd) == 0;
+  const int serr = synced ? 0 : errno;
+  if (!wrote) {
+    EXPECT_EQ(werr, ENOSPC) << std::strerror(werr);
+  }
+  if (!synced) {
+    EXPECT_EQ(serr, ENOSPC) << std::strerror(serr);
+  }
+  std::vector<std::uint8_t> all(static_cast<std::size_t>(sparse_size));
+  ASSERT_EQ(::pread(sparse.fd, all.data(), all.size(), 0), static_cast<ssize_t>(all.size()))
+      << "a block of the file does not read back: " << std::strerror(errno);
+  EXPECT_TRUE(std::equal(head.begin(), head.end(), all.begin()));
+  const std::vector<std::uint8_t> zeros(4096, 0);
+  for (std::size_t b = 0; b < into_hole.size(); b += 4096) {
+    const auto* at = all.data() + hole_at + b;
+    const bool is_new = std::equal(into_hole.begin() + static_cast<long>(b),
+                                   into_hole.begin() + static_cast<long>(b + 4096), at);
+    const bool is_zero = std::equal(zeros.begin(), zeros.end(), at);
+    EXPECT_TRUE(is_new || is_zero) << "block at " << hole_at + static_cast<off_t>(b) << " is neither";
+  }
+  ::close(dense.fd);
+  dense.fd = -1;
+  ::close(sparse.fd);
+  sparse.fd = -1;
+  vol.unmount();
+  auto fsck = run_command({bin("kmsfs"), "fsck", vol.cipher()});
+  EXPECT_EQ(fsck.exit_code, 0) << fsck.out << fsck.err;
+}
+
 }  // namespace
 }  // namespace kmsfs::test
