@@ -138,7 +138,75 @@ Filesystem::Filesystem(UniqueFd root_fd, FileKeys& keys, const NameMapper& names
 }
 
 Filesystem::~Filesystem() {
+  stop_trimmer();
   for (std::uint64_t fh : dir_handles_) delete reinterpret_cast<DirHandle*>(fh);
+}
+
+std::size_t Filesystem::inode_count() { return inode_total_.load(); }
+
+void Filesystem::kick_trimmer() {
+  {
+    std::lock_guard lk(trim_mu_);
+    trim_kick_ = true;
+  }
+  trim_cv_.notify_one();
+}
+
+void Filesystem::stop_trimmer() {
+  {
+    std::lock_guard lk(trim_mu_);
+    trim_stop_ = true;
+  }
+  trim_cv_.notify_all();
+  if (trimmer_.joinable()) trimmer_.join();
+}
+
+void Filesystem::trim_loop() {
+  const std::size_t bound = settings_.max_inodes;
+  const std::size_t keep = bound - bound / 4;
+  std::unique_lock lk(trim_mu_);
+  while (!trim_stop_) {
+    trim_cv_.wait_for(lk, std::chrono::milliseconds(500),
+                      [&] { return trim_stop_ || trim_kick_ || inode_total_.load() > bound; });
+    trim_kick_ = false;
+    if (trim_stop_) break;
+    if (inode_total_.load() <= bound) continue;
+    lk.unlock();
+    // Entries to drop: files and other non-directories, continuing where
+    // the last round stopped. (Not directories: dropping one leaves the
+    // entries below it that are in use at that moment cached under a name
+    // no notification reaches, and the kernel keeps their inodes.) The
+    // kernel forgets an inode once no dentry and no open file use it; one it
+    // keeps (open, another name) is simply asked again in a later round.
+    std::vector<std::pair<fuse_ino_t, std::string>> victims;
+    {
+      std::lock_guard lock(table_mutex_);
+      const std::size_t excess = inodes_.size() > keep ? inodes_.size() - keep : 0;
+      victims.reserve(excess);
+      auto it = inodes_.upper_bound(trim_cursor_);
+      for (std::size_t seen = 0; seen < inodes_.size() && victims.size() < excess; ++seen, ++it) {
+        if (it == inodes_.end()) it = inodes_.begin();
+        const Inode& in = *it->second;
+        if (in.type == S_IFDIR || in.plain_name.empty() || in.lookup_parent == 0) continue;
+        victims.emplace_back(in.lookup_parent, in.plain_name);
+        trim_cursor_ = it->first;
+      }
+    }
+    // No lock held: the kernel locks the parent directory, which a request
+    // in progress may hold until our reply.
+    std::size_t dropped = 0;
+    for (const auto& [parent, name] : victims) {
+      if (fuse_lowlevel_notify_inval_entry(session_, parent, name.c_str(), name.size()) == 0) ++dropped;
+    }
+    logger()->debug("inode bound {}: asked the kernel to forget {} of {} entries", bound, dropped,
+                    victims.size());
+    lk.lock();
+    // The FORGETs arrive as requests: a moment for them before counting
+    // again, cut short when lookups go on past the bound.
+    trim_kick_ = false;
+    trim_cv_.wait_for(lk, std::chrono::milliseconds(dropped > 0 ? 2 : 100),
+                      [&] { return trim_stop_ || trim_kick_; });
+  }
 }
 
 double Filesystem::now_seconds() {
@@ -233,6 +301,7 @@ int Filesystem::stat_inode(Inode& inode, struct stat* st) {
 
 int Filesystem::note_open_error(int err) {
   if (err != EMFILE && err != ENFILE) return err;
+  if (settings_.max_inodes > 0) kick_trimmer();
   static std::atomic<std::int64_t> last_log{0};
   const auto now = static_cast<std::int64_t>(now_seconds());
   std::int64_t last = last_log.load();
@@ -247,14 +316,14 @@ int Filesystem::note_open_error(int err) {
     logger()->error(
         "cannot open a backing file: {} (descriptor limit {}, {} inodes known): kmsfs keeps a "
         "descriptor for every file and directory the kernel remembers; raise the limit "
-        "(LimitNOFILE= in the unit, ulimit -n) or let the kernel forget inodes "
-        "(echo 2 > /proc/sys/vm/drop_caches)",
+        "(LimitNOFILE= in the unit, ulimit -n) or lower -o max_inodes (the mount asks the "
+        "kernel to forget entries past it)",
         std::strerror(err), static_cast<unsigned long>(lim.rlim_cur), inodes);
   }
   return err;
 }
 
-int Filesystem::do_lookup(Inode& parent, const char* name, fuse_entry_param* e) {
+int Filesystem::do_lookup(Inode& parent, const char* name, fuse_entry_param* e, const char* plain) {
   std::memset(e, 0, sizeof *e);
   e->attr_timeout = settings_.attr_timeout;
   e->entry_timeout = settings_.entry_timeout;
@@ -271,10 +340,19 @@ int Filesystem::do_lookup(Inode& parent, const char* name, fuse_entry_param* e) 
     auto it = inodes_.find(std::make_pair(s.st_dev, s.st_ino));
     return it != inodes_.end() ? it->second.get() : nullptr;
   };
+  const fuse_ino_t parent_ino = ino_of(parent);
+  auto note_name_locked = [&](Inode& in) {
+    if (plain == nullptr || &in == &root_) return;
+    in.lookup_parent = parent_ino;
+    in.plain_name = plain;
+  };
   {
     std::lock_guard lock(table_mutex_);
     inode = find_locked(st);
-    if (inode != nullptr) inode->nlookup++;
+    if (inode != nullptr) {
+      inode->nlookup++;
+      note_name_locked(*inode);
+    }
   }
   if (inode == nullptr) {
     UniqueFd fd(::openat(parent.fd.get(), name, O_PATH | O_NOFOLLOW | O_CLOEXEC));
@@ -291,10 +369,13 @@ int Filesystem::do_lookup(Inode& parent, const char* name, fuse_entry_param* e) 
       made->type = st.st_mode & S_IFMT;
       inode = made.get();
       inodes_.emplace(std::make_pair(st.st_dev, st.st_ino), std::move(made));
+      inode_total_.store(inodes_.size());
       fresh = true;
     }
     inode->nlookup++;
+    note_name_locked(*inode);
   }
+  if (fresh && settings_.max_inodes > 0 && inode_total_.load() > settings_.max_inodes) kick_trimmer();
   {
     std::lock_guard lock(inode->state_mutex);
     inode->label = name;
@@ -329,6 +410,9 @@ void Filesystem::init(fuse_conn_info* conn) {
   // Large requests: the kernel hands over up to 1 MiB per write.
   conn->max_write = 1U << 20;
   conn->max_readahead = std::min<unsigned>(conn->max_readahead, 1U << 20);
+  if (settings_.max_inodes > 0 && session_ != nullptr && !trimmer_.joinable()) {
+    trimmer_ = std::thread([this] { trim_loop(); });
+  }
 }
 
 void Filesystem::lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
@@ -339,7 +423,7 @@ void Filesystem::lookup(fuse_req_t req, fuse_ino_t parent, const char* name) {
   }
   NameMapper::Backing b;
   int err = backing_name(inode_of(parent), name, b);
-  if (err == 0) err = do_lookup(inode_of(parent), b.name.c_str(), &e);
+  if (err == 0) err = do_lookup(inode_of(parent), b.name.c_str(), &e, name);
   if (err == ENOENT) {
     // Negative entry, cached for entry_timeout.
     std::memset(&e, 0, sizeof e);
@@ -367,6 +451,7 @@ void Filesystem::forget(fuse_ino_t ino, std::uint64_t n) {
     if (it != inodes_.end()) {
       doomed = std::move(it->second);
       inodes_.erase(it);
+      inode_total_.store(inodes_.size());
     }
   }
 }
@@ -505,9 +590,9 @@ void Filesystem::chown_to_caller(fuse_req_t req, int dirfd, const char* name) {
   }
 }
 
-void Filesystem::reply_new_entry(fuse_req_t req, Inode& parent, const char* name) {
+void Filesystem::reply_new_entry(fuse_req_t req, Inode& parent, const char* name, const char* plain) {
   fuse_entry_param e{};
-  int err = do_lookup(parent, name, &e);
+  int err = do_lookup(parent, name, &e, plain);
   if (err != 0) return (void)fuse_reply_err(req, err);
   fuse_reply_entry(req, &e);
 }
@@ -538,7 +623,7 @@ void Filesystem::mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode
     }
   }
   chown_to_caller(req, p.fd.get(), bn);
-  reply_new_entry(req, p, bn);
+  reply_new_entry(req, p, bn, name);
 }
 
 void Filesystem::mkdir(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode) {
@@ -647,7 +732,7 @@ void Filesystem::symlink(fuse_req_t req, const char* link, fuse_ino_t parent, co
     return (void)fuse_reply_err(req, err);
   }
   chown_to_caller(req, p.fd.get(), b.name.c_str());
-  reply_new_entry(req, p, b.name.c_str());
+  reply_new_entry(req, p, b.name.c_str(), name);
 }
 
 void Filesystem::rename(fuse_req_t req, fuse_ino_t parent, const char* name, fuse_ino_t newparent,
@@ -709,7 +794,7 @@ void Filesystem::link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, cons
     if (err != EEXIST) undo_long_name(np, b);
     return (void)fuse_reply_err(req, err);
   }
-  reply_new_entry(req, np, b.name.c_str());
+  reply_new_entry(req, np, b.name.c_str(), newname);
 }
 
 Result<std::shared_ptr<const FileKey>, int> Filesystem::load_key(Inode& inode, int fd) {
@@ -988,7 +1073,7 @@ void Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name, mod
   if (created) chown_to_caller(req, p.fd.get(), b.name.c_str());
 
   fuse_entry_param e{};
-  if (int err = do_lookup(p, b.name.c_str(), &e); err != 0) return (void)fuse_reply_err(req, err);
+  if (int err = do_lookup(p, b.name.c_str(), &e, name); err != 0) return (void)fuse_reply_err(req, err);
   Inode& inode = inode_of(e.ino);
   {
     std::lock_guard lock(inode.state_mutex);
@@ -1233,10 +1318,14 @@ void Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     size_t need = 0;
     if (plus) {
       fuse_entry_param e{};
-      if (dot) {
+      // Past the inode bound, entries go without attributes (ino 0: the
+      // kernel makes no dentry and looks the name up when it is used), so
+      // that listing a large directory adds no inodes at once.
+      const bool bare = dot || (settings_.max_inodes > 0 && inode_total_.load() >= settings_.max_inodes);
+      if (bare) {
         e.attr.st_ino = entry->d_ino;
         e.attr.st_mode = static_cast<mode_t>(entry->d_type) << 12;
-      } else if (int err = do_lookup(dir_inode, entry->d_name, &e); err != 0) {
+      } else if (int err = do_lookup(dir_inode, entry->d_name, &e, plain_name->c_str()); err != 0) {
         if (err == ENOENT) {  // vanished meanwhile
           d->offset = next;
           continue;
@@ -1246,7 +1335,7 @@ void Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
       }
       need = fuse_add_direntry_plus(req, buf.data() + used, size - used, plain_name->c_str(), &e, next);
       if (need > size - used) {
-        if (!dot) forget(e.ino, 1);  // not delivered: give the reference back
+        if (!bare) forget(e.ino, 1);  // not delivered: give the reference back
         d->pending = entry;
         break;
       }
@@ -1405,6 +1494,13 @@ void op_init(void* userdata, fuse_conn_info* conn) noexcept {
     logger()->error("internal error in init: {}", e.what());
   }
 }
+void op_destroy(void* userdata) noexcept {
+  try {
+    static_cast<Filesystem*>(userdata)->stop_trimmer();
+  } catch (const std::exception& e) {
+    logger()->error("internal error in destroy: {}", e.what());
+  }
+}
 void op_lookup(fuse_req_t req, fuse_ino_t parent, const char* name) noexcept {
   guarded(req, "lookup", [&] { fs_of(req).lookup(req, parent, name); }, Scrub::kNo);
 }
@@ -1515,6 +1611,7 @@ void op_fallocate(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t 
 fuse_lowlevel_ops make_ops() {
   fuse_lowlevel_ops ops{};
   ops.init = op_init;
+  ops.destroy = op_destroy;
   ops.lookup = op_lookup;
   ops.forget = op_forget;
   ops.forget_multi = op_forget_multi;

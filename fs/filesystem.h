@@ -13,12 +13,14 @@
 #include <fuse_lowlevel.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <shared_mutex>
 #include <string>
+#include <thread>
 #include <unordered_set>
 #include <utility>
 
@@ -40,6 +42,11 @@ struct FsSettings {
   // (Inode::stored_size). Off when other mounts change the same backing
   // files (-o shared_storage): every read and write states the file.
   bool cache_sizes = true;
+  // Inodes (each holds an O_PATH descriptor) the mount keeps before it asks
+  // the kernel to forget entries it does not use: past it, a background
+  // thread invalidates entries until a quarter of the bound is free again;
+  // 0 = no bound. Keeps a large tree walk within the open-file limit.
+  std::size_t max_inodes = 0;
   // Key read-ahead (fs/key_readahead.h): headers read per directory chunk;
   // 0 = off. Needs the DEK cache.
   std::size_t key_readahead = 0;
@@ -54,6 +61,11 @@ struct Inode {
 
   // Guarded by Filesystem::table_mutex_.
   std::uint64_t nlookup = 0;
+  // Guarded by Filesystem::table_mutex_: the directory and plaintext name of
+  // the inode's last lookup (the kernel's dentry), to ask the kernel to
+  // forget the entry when the mount holds too many inodes (max_inodes).
+  fuse_ino_t lookup_parent = 0;
+  std::string plain_name;
 
   // Serialises content changes of a regular file: shared for read and
   // getattr, exclusive for write, truncate and header creation.
@@ -91,6 +103,14 @@ class Filesystem {
   ~Filesystem();
 
   static const fuse_lowlevel_ops& operations();
+
+  // The session the mount serves: the inode trimmer (FsSettings::max_inodes)
+  // tells the kernel through it. Set before the session loop starts.
+  void set_session(fuse_session* se) { session_ = se; }
+  // Stops the inode trimmer (at DESTROY, before the session goes away).
+  void stop_trimmer();
+  // Inodes the mount holds now (tests, stats).
+  std::size_t inode_count();
 
   // Activity, for -o idle_timeout: every request touches; open file and
   // directory handles keep the mount busy.
@@ -141,7 +161,8 @@ class Filesystem {
   fuse_ino_t ino_of(Inode& inode);
   // Looks the backing entry `name` up under `parent`, taking one lookup
   // reference; 0 or errno.
-  int do_lookup(Inode& parent, const char* name, fuse_entry_param* e);
+  // `plain`: the name the kernel uses for it (nullptr: keep the one known).
+  int do_lookup(Inode& parent, const char* name, fuse_entry_param* e, const char* plain);
   // A SETATTR of times the backing file has already (see setattr); `cur`
   // gets the inode's attributes (as stat_inode gives them) when it is.
   bool times_already_set(Inode& inode, const struct stat* attr, int to_set, struct stat* cur);
@@ -157,7 +178,7 @@ class Filesystem {
   // Removes a side file written by prepare_long_name if no entry uses it.
   void undo_long_name(Inode& dir, const NameMapper::Backing& b);
   bool reserved_name(fuse_ino_t parent, const char* name) const;
-  void reply_new_entry(fuse_req_t req, Inode& parent, const char* name);
+  void reply_new_entry(fuse_req_t req, Inode& parent, const char* name, const char* plain);
   void chown_to_caller(fuse_req_t req, int dirfd, const char* name);
 
   // rmdir and rename over a directory: a backing directory that holds
@@ -225,6 +246,18 @@ class Filesystem {
   // Guarded by table_mutex_. Keyed by the backing (st_dev, st_ino), so hard
   // links share one Inode.
   std::map<std::pair<dev_t, ino_t>, std::unique_ptr<Inode>> inodes_;
+  // The inode trimmer (FsSettings::max_inodes): started at INIT, stopped at
+  // DESTROY or by the destructor.
+  void trim_loop();
+  fuse_session* session_ = nullptr;
+  std::atomic<std::size_t> inode_total_{0};  // inodes_.size(), read without the lock
+  std::mutex trim_mu_;
+  std::condition_variable trim_cv_;
+  void kick_trimmer();
+  bool trim_stop_ = false;  // guarded by trim_mu_
+  bool trim_kick_ = false;  // guarded by trim_mu_: lookups went past the bound
+  std::pair<dev_t, ino_t> trim_cursor_{};  // trimmer thread only: where the next round starts
+  std::thread trimmer_;
   // Last: its threads stop before anything they use goes away.
   std::unique_ptr<KeyReadahead> readahead_;
 };

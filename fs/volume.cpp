@@ -1,6 +1,7 @@
 #include "fs/volume.h"
 
 #include <fcntl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -279,6 +280,10 @@ Result<MountOptions, std::string> parse_mount_options(const std::string& opts, M
       auto n = parse_count(name, value, 0, 65536);
       if (!n) return unexpected(n.error());
       base.key_readahead = static_cast<std::size_t>(*n);
+    } else if (name == "max_inodes") {
+      auto n = parse_count(name, value, 0, 1L << 30);
+      if (!n) return unexpected(n.error());
+      base.max_inodes = static_cast<std::size_t>(*n);
     } else if (name == "max_threads") {
       auto n = parse_count(name, value, 1, 256);
       if (!n) return unexpected(n.error());
@@ -458,6 +463,14 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
   settings.kernel_cache = opts.kernel_cache && !opts.shared_storage;
   settings.read_only = opts.read_only;
   settings.cache_sizes = !opts.shared_storage;
+  if (opts.max_inodes) {
+    settings.max_inodes = *opts.max_inodes;
+  } else if (struct rlimit lim {}; ::getrlimit(RLIMIT_NOFILE, &lim) == 0 && lim.rlim_cur != RLIM_INFINITY) {
+    // A third of the descriptors for inodes: the rest for open files,
+    // directory handles, the KMS, the session, and inodes made while the
+    // trimmer catches up with a fast tree walk.
+    settings.max_inodes = static_cast<std::size_t>(lim.rlim_cur / 3);
+  }
   settings.key_readahead = opts.key_cache ? opts.key_readahead : 0;
   Filesystem filesystem(std::move(root), keys, impl_->names, settings);
 
@@ -492,6 +505,7 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
   } guard{se};
   if (fuse_set_signal_handlers(se) != 0) return unexpected(std::string("cannot install signal handlers"));
   guard.handlers = true;
+  filesystem.set_session(se);
   if (fuse_session_mount(se, mountpoint.c_str()) != 0) {
     return unexpected("cannot mount at " + mountpoint +
                       " (is it an existing directory, and is /dev/fuse usable?)");

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -73,6 +74,10 @@ struct MountOptions {
   // to N of its files at a time ahead of their opens (fs/key_readahead.h);
   // 0 = off. Needs the key cache.
   std::size_t key_readahead = 256;
+  // max_inodes=N: inodes (one descriptor each) kept before the mount asks
+  // the kernel to forget unused entries; unset = a third of the open-file limit
+  // at mount time, 0 = no bound.
+  std::optional<std::size_t> max_inodes;
   double idle_timeout = 0;          // idle_timeout=SECONDS: unmount when unused (0 = never)
   // shared_storage: several mounts share the backing dir (NFS): no kernel
   // attribute, entry or page caching and no writeback cache.

@@ -108,6 +108,9 @@ Options:
       no_writeback_cache disable the kernel's writeback cache
       entry_timeout=S, attr_timeout=S   kernel cache timeouts (default 1)
       max_threads=N      FUSE worker threads (default 2 per CPU, 4 to 10)
+      max_inodes=N       inodes (one descriptor each) kept before the mount asks
+                         the kernel to forget unused entries (default a third
+                         of the open-file limit; 0 = no bound)
       key_cache=on|off   cache data keys after close and pre-generate keys for
                          new files (default on)
       key_cache_ttl=S    seconds a cached data key stays usable (default 300)

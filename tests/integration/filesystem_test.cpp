@@ -21,6 +21,7 @@
 #include <stdexcept>
 #include <thread>
 
+#include "tests/integration/kmsfs_process.h"
 #include "tests/integration/mount_fixture.h"
 
 namespace kmsfs::test {
@@ -923,6 +924,61 @@ TEST(FullBackingStore, OverwritesSucceedAndWritesIntoHolesFailCleanly) {
   vol.unmount();
   auto fsck = run_command({bin("kmsfs"), "fsck", vol.cipher()});
   EXPECT_EQ(fsck.exit_code, 0) << fsck.out << fsck.err;
+}
+
+}  // namespace
+}  // namespace kmsfs::test
+
+namespace kmsfs::test {
+namespace {
+
+// Every inode the kernel remembers holds a descriptor in the server: past
+// -o max_inodes the mount asks the kernel to forget entries, so a tree
+// larger than the bound stays within the server's descriptors, and every
+// file still reads back.
+TEST(InodeBound, ATreeLargerThanTheBoundStaysWithinItsDescriptors) {
+  TempKms kms;
+  Mount vol(kms.root(), "bound");
+  ForegroundMount m(vol.cipher(), vol.mnt(), {"-o", "max_inodes=100"});
+  ASSERT_NO_THROW(m.start());
+  const long base = proc_fd_count(m.pid());
+  ASSERT_GT(base, 0);
+  const int dirs = 3;
+  const int files = 400;
+  for (int d = 0; d < dirs; ++d) {
+    const std::string dir = vol.path("d" + std::to_string(d));
+    ASSERT_EQ(::mkdir(dir.c_str(), 0755), 0) << std::strerror(errno);
+    for (int f = 0; f < files; ++f) {
+      const std::string name = "f" + std::to_string(f);
+      write_file(dir + "/" + name, std::vector<std::uint8_t>(name.begin(), name.end()));
+    }
+  }
+  long peak = 0;
+  for (int d = 0; d < dirs; ++d) {
+    const std::string dir = vol.path("d" + std::to_string(d));
+    DIR* dh = ::opendir(dir.c_str());
+    ASSERT_NE(dh, nullptr) << std::strerror(errno);
+    int listed = 0;
+    while (dirent* e = ::readdir(dh)) {
+      if (e->d_name[0] != '.') ++listed;
+    }
+    ::closedir(dh);
+    EXPECT_EQ(listed, files) << dir;
+    for (int f = 0; f < files; ++f) {
+      const std::string name = "f" + std::to_string(f);
+      EXPECT_EQ(read_file(dir + "/" + name), std::vector<std::uint8_t>(name.begin(), name.end())) << dir << "/" << name;
+    }
+    peak = std::max(peak, proc_fd_count(m.pid()));
+  }
+  // 1200 files and 3 directories went through the kernel; once the
+  // trimmer is done the server holds about max_inodes descriptors for them.
+  long now = proc_fd_count(m.pid());
+  for (int i = 0; i < 100 && now > base + 100 + 20; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    now = proc_fd_count(m.pid());
+  }
+  EXPECT_LE(now, base + 100 + 20) << "descriptors: " << base << " at start, " << now << " at the end, peak " << peak;
+  EXPECT_EQ(m.stop(), 0);
 }
 
 }  // namespace

@@ -96,5 +96,20 @@ TEST(MountOptions, RejectsUnknownOptionNamingIt) {
   EXPECT_FALSE(parse_mount_options("ro=1", {}));
 }
 
+TEST(MountOptions, MaxInodesIsACountOrUnset) {
+  auto unset = parse_mount_options("ro", {});
+  ASSERT_TRUE(unset) << unset.error();
+  EXPECT_FALSE(unset->max_inodes.has_value());
+  auto r = parse_mount_options("max_inodes=5000", {});
+  ASSERT_TRUE(r) << r.error();
+  EXPECT_EQ(r->max_inodes, std::optional<std::size_t>(5000));
+  auto off = parse_mount_options("max_inodes=0", {});
+  ASSERT_TRUE(off) << off.error();
+  EXPECT_EQ(off->max_inodes, std::optional<std::size_t>(0));
+  auto bad = parse_mount_options("max_inodes=many", {});
+  ASSERT_FALSE(bad);
+  EXPECT_NE(bad.error().find("max_inodes"), std::string::npos) << bad.error();
+}
+
 }  // namespace
 }  // namespace kmsfs::fs
