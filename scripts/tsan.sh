@@ -30,6 +30,8 @@ DIFF=$BUILD/tests/stress/kmsfs_difftest
 "$DIFF" --seed 11 --ops 3000 --threads 4 --shrink-seconds 0 || failed=1
 "$DIFF" --seed 12 --ops 3000 --threads 2 --mount-opts no_writeback_cache --shrink-seconds 0 || failed=1
 "$DIFF" --seed 13 --ops 2000 --shrink-seconds 0 || failed=1
+# The inode trimmer (-o max_inodes) against lookups, renames and unlinks.
+"$DIFF" --seed 14 --ops 3000 --threads 4 --mount-opts max_inodes=20 --shrink-seconds 0 || failed=1
 CONCURRENT='AuditLog.ConcurrentAppendersKeepOneChain:DataKeyCache.ConcurrentUseIsSafe:DataKeyPrefetcher.*:CachingKeyService.*'
 CONCURRENT+=':KmsCoreTest.DefaultManagedKeyIsCreatedOnceByTwoCores:KmsCoreTest.TwoCoresCreatingConcurrentlyLoseNothing'
 CONCURRENT+=':KmsCoreMaintenance.*:Pkcs11Hsm.ConcurrentCallersShareASmallPool:BoundedHsm.*'
