@@ -732,6 +732,16 @@ TEST(KillPriv, WritesByOtherUsersClearSuidAndSgidAsOnAPlainDirectory) {
 namespace kmsfs::test {
 namespace {
 
+// Appends `chunk` to fd from `synced` on, fsyncing each, at most `chunks`
+// times; `synced` ends at what was acknowledged. The first errno, or 0.
+int fill_until_error(int fd, const std::vector<std::uint8_t>& chunk, int chunks, off_t& synced) {
+  for (int i = 0; i < chunks; ++i) {
+    if (pwrite_all(fd, chunk.data(), chunk.size(), synced) < 0 || ::fsync(fd) != 0) return errno;
+    synced += static_cast<off_t>(chunk.size());
+  }
+  return 0;
+}
+
 // A backing filesystem that runs full: writes fail with ENOSPC, what was
 // stored before stays intact, and the mount keeps serving.
 TEST(FullBackingStore, EnospcFailsCleanlyAndKeepsServing) {
@@ -754,15 +764,7 @@ TEST(FullBackingStore, EnospcFailsCleanlyAndKeepsServing) {
     ASSERT_GE(fd.fd, 0);
     auto chunk = random_bytes(65536, 78);
     off_t synced = 0;
-    int err = 0;
-    for (int i = 0; i < 200 && err == 0; ++i) {
-      if (pwrite_all(fd.fd, chunk.data(), chunk.size(), synced) < 0 || ::fsync(fd.fd) != 0) {
-        err = errno;
-      } else {
-        synced += static_cast<off_t>(chunk.size());
-      }
-    }
-    EXPECT_EQ(err, ENOSPC);
+    EXPECT_EQ(fill_until_error(fd.fd, chunk, 200, synced), ENOSPC);
     ::close(fd.fd);
     fd.fd = -1;
 
@@ -870,17 +872,8 @@ TEST(FullBackingStore, OverwritesSucceedAndWritesIntoHolesFailCleanly) {
   {
     Fd filler(::open(vol.path("filler").c_str(), O_WRONLY | O_CREAT, 0644));
     ASSERT_GE(filler.fd, 0);
-    auto chunk = random_bytes(65536, 94);
     off_t at = 0;
-    int err = 0;
-    for (int i = 0; i < 100 && err == 0; ++i) {
-      if (pwrite_all(filler.fd, chunk.data(), chunk.size(), at) < 0 || ::fsync(filler.fd) != 0) {
-        err = errno;
-      } else {
-        at += static_cast<off_t>(chunk.size());
-      }
-    }
-    ASSERT_EQ(err, ENOSPC);
+    ASSERT_EQ(fill_until_error(filler.fd, random_bytes(65536, 94), 100, at), ENOSPC);
   }
 
   // Overwriting written blocks needs no new space.
