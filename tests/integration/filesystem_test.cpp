@@ -742,17 +742,28 @@ int fill_until_error(int fd, const std::vector<std::uint8_t>& chunk, int chunks,
   return 0;
 }
 
+// A tmpfs of `size` at `path` (made), detached again when the test ends.
+struct SmallTmpfs {
+  SmallTmpfs(std::string p, const std::string& size) : path(std::move(p)) {
+    mounted = ::mkdir(path.c_str(), 0700) == 0 &&
+              ::mount("tmpfs", path.c_str(), "tmpfs", 0, ("size=" + size).c_str()) == 0;
+  }
+  ~SmallTmpfs() {
+    if (mounted) ::umount2(path.c_str(), MNT_DETACH);
+  }
+  SmallTmpfs(const SmallTmpfs&) = delete;
+  SmallTmpfs& operator=(const SmallTmpfs&) = delete;
+  std::string path;
+  bool mounted = false;
+};
+
 // A backing filesystem that runs full: writes fail with ENOSPC, what was
 // stored before stays intact, and the mount keeps serving.
 TEST(FullBackingStore, EnospcFailsCleanlyAndKeepsServing) {
   TempKms kms;
   const std::string small = kms.root() + "/small";
-  ASSERT_EQ(::mkdir(small.c_str(), 0700), 0);
-  ASSERT_EQ(::mount("tmpfs", small.c_str(), "tmpfs", 0, "size=4m"), 0) << std::strerror(errno);
-  struct Unmounter {
-    std::string path;
-    ~Unmounter() { ::umount2(path.c_str(), MNT_DETACH); }
-  } unmounter{small};
+  SmallTmpfs store(small, "4m");
+  ASSERT_TRUE(store.mounted) << std::strerror(errno);
   {
     Mount vol(small, "vol");
     vol.mount();
@@ -840,12 +851,8 @@ TEST(FullBackingStore, EnospcFailsCleanlyAndKeepsServing) {
 TEST(FullBackingStore, OverwritesSucceedAndWritesIntoHolesFailCleanly) {
   TempKms kms;
   const std::string small = kms.root() + "/small";
-  ASSERT_EQ(::mkdir(small.c_str(), 0700), 0);
-  ASSERT_EQ(::mount("tmpfs", small.c_str(), "tmpfs", 0, "size=2m"), 0) << std::strerror(errno);
-  struct Unmounter {
-    std::string path;
-    ~Unmounter() { ::umount2(path.c_str(), MNT_DETACH); }
-  } unmounter{small};
+  SmallTmpfs store(small, "2m");
+  ASSERT_TRUE(store.mounted) << std::strerror(errno);
   Mount vol(small, "vol");
   vol.mount();
   auto dense_data = random_bytes(262144, 91);
