@@ -1,6 +1,7 @@
 #include "keyclient/bounded_hsm.h"
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <deque>
 #include <mutex>
@@ -191,6 +192,12 @@ BoundedHsm::BoundedHsm(std::unique_ptr<Hsm> inner, std::chrono::milliseconds tim
   pool_->max_workers = max_workers == 0 ? 1 : max_workers;
 }
 
+namespace {
+std::atomic<bool> g_calls_left_hung{false};
+}  // namespace
+
+bool hsm_calls_left_hung() noexcept { return g_calls_left_hung.load(); }
+
 BoundedHsm::~BoundedHsm() {
   Pool& p = *pool_;
   std::unique_lock<std::mutex> lock(p.mu);
@@ -210,6 +217,7 @@ BoundedHsm::~BoundedHsm() {
     return;
   }
   // A hung call keeps the module (and the pool) alive until it returns.
+  g_calls_left_hung.store(true);
   log()->warn("{} HSM calls are still hung at shutdown; the module is left open", hung);
   lock.lock();
   for (auto& t : p.threads) t.first.detach();

@@ -16,6 +16,12 @@
 
 namespace kmsfs::keyclient {
 
+// Whether a BoundedHsm went away while calls were still hung in the module
+// (their threads detached). Such a process must not run its exit handlers
+// (OpenSSL's and the module's own): a hung call that returns then runs into
+// torn-down state. The tools leave with _exit when it is true.
+bool hsm_calls_left_hung() noexcept;
+
 class BoundedHsm final : public Hsm {
  public:
   // `max_workers` bounds the threads (busy, idle and abandoned together);

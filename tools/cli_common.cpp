@@ -9,7 +9,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <memory>
 #include <optional>
+
+#include "keyclient/bounded_hsm.h"
 
 namespace kmsfs::cli {
 
@@ -184,6 +187,13 @@ unsigned long raise_open_file_limit() {
   }
   (void)::getrlimit(RLIMIT_NOFILE, &lim);
   return static_cast<unsigned long>(lim.rlim_cur);
+}
+
+int finish(int code) {
+  if (!keyclient::hsm_calls_left_hung()) return code;
+  spdlog::apply_all([](const std::shared_ptr<spdlog::logger>& l) { l->flush(); });
+  std::fflush(nullptr);
+  std::_Exit(code);
 }
 
 }  // namespace kmsfs::cli

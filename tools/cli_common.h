@@ -63,4 +63,9 @@ void refuse_core_dumps();
 // CAP_SYS_RESOURCE (root), both to fs.nr_open. Returns the soft limit now.
 unsigned long raise_open_file_limit();
 
+// The process's exit: `code`, through _exit (logs flushed first) when an
+// HSM call is still hung in the PKCS#11 module (keyclient::hsm_calls_left_hung):
+// exit handlers would tear down what that thread returns into.
+int finish(int code);
+
 }  // namespace kmsfs::cli

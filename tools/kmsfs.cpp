@@ -439,7 +439,7 @@ int main(int argc, char** argv) noexcept {
   // key schedules) stay out of core dumps (crypto/dontdump_heap.h).
   (void)kmsfs::crypto::install_openssl_dontdump_heap();
   try {
-    return run(argc, argv);
+    return kmsfs::cli::finish(run(argc, argv));
   } catch (const std::exception& e) {
     std::cerr << "kmsfs: internal error: " << e.what() << "\n";
     return static_cast<int>(ExitCode::Failed);
