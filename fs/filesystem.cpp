@@ -342,7 +342,7 @@ int Filesystem::do_lookup(Inode& parent, const char* name, fuse_entry_param* e, 
   };
   const fuse_ino_t parent_ino = ino_of(parent);
   auto note_name_locked = [&](Inode& in) {
-    if (plain == nullptr || &in == &root_) return;
+    if (plain == nullptr || &in == &root_ || settings_.max_inodes == 0) return;  // only the trimmer reads it
     in.lookup_parent = parent_ino;
     in.plain_name = plain;
   };
