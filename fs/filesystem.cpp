@@ -142,8 +142,6 @@ Filesystem::~Filesystem() {
   for (std::uint64_t fh : dir_handles_) delete reinterpret_cast<DirHandle*>(fh);
 }
 
-std::size_t Filesystem::inode_count() { return inode_total_.load(); }
-
 void Filesystem::kick_trimmer() {
   {
     std::lock_guard lk(trim_mu_);
@@ -798,12 +796,11 @@ void Filesystem::link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, cons
 }
 
 Result<std::shared_ptr<const FileKey>, int> Filesystem::load_key(Inode& inode, int fd) {
-  std::string label;
   {
     std::lock_guard lock(inode.state_mutex);
     if (inode.key) return inode.key;
-    label = "'" + inode.label + "' (backing inode " + std::to_string(inode.ino) + ")";
   }
+  const std::string label = describe(inode);
   std::uint8_t raw[crypto::FileHeader::kSize];
   ssize_t n = ::pread(fd, raw, sizeof raw, 0);
   if (n < 0) return unexpected(errno);
@@ -931,14 +928,13 @@ void Filesystem::drop_key_if_closed(Inode& inode) {
 }
 
 int Filesystem::prepare_new_key(Inode& inode) {
-  std::string label;
   std::shared_ptr<FileKeys::NewFile> stale;  // made under the volume's previous key
   {
     std::lock_guard sl(inode.state_mutex);
     if (inode.pending && !keys_.is_current(*inode.pending)) stale = std::move(inode.pending);
     if (inode.pending) return 0;
-    label = "'" + inode.label + "' (backing inode " + std::to_string(inode.ino) + ")";
   }
+  const std::string label = describe(inode);
   auto nf = keys_.create(label);
   if (!nf) return nf.error();
   auto fresh = std::make_shared<FileKeys::NewFile>(std::move(*nf));
@@ -968,7 +964,7 @@ int Filesystem::truncate_locked(Inode& inode, int fd, std::uint64_t new_size, co
     logger()->error("internal error: extending backing inode {} without its key", inode.ino);
     return EIO;
   }
-  EncryptedFile file(fd, *key, "backing inode " + std::to_string(inode.ino));
+  EncryptedFile file(fd, *key, [&inode] { return describe(inode); });
   return -file.truncate(bl::plain_size(static_cast<std::uint64_t>(st.st_size)), new_size);
 }
 
@@ -1218,8 +1214,6 @@ void Filesystem::write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t s
       const std::uint64_t end = static_cast<std::uint64_t>(off) + static_cast<std::uint64_t>(n);
       inode.stored_size.store(static_cast<std::int64_t>(bl::stored_size(std::max(plain, end))));
       if (first > blocks) inode.dense = 0;  // blocks skipped: a hole
-    } else {
-      inode.dense = -1;
     }
   }
   if (n < 0) return (void)fuse_reply_err(req, static_cast<int>(-n));

@@ -109,8 +109,6 @@ class Filesystem {
   void set_session(fuse_session* se) { session_ = se; }
   // Stops the inode trimmer (at DESTROY, before the session goes away).
   void stop_trimmer();
-  // Inodes the mount holds now (tests, stats).
-  std::size_t inode_count();
 
   // Activity, for -o idle_timeout: every request touches; open file and
   // directory handles keep the mount busy.
