@@ -13,6 +13,8 @@
 #include <map>
 #include <mutex>
 
+#include "crypto/secure_buffer.h"
+
 namespace kmsfs::crypto {
 
 namespace {
@@ -132,7 +134,7 @@ void release(void* p, const char*, int) noexcept {
     return;
   }
   hdr->magic = 0;
-  OPENSSL_cleanse(p, hdr->size);
+  cleanse(p, hdr->size);
   Heap& h = heap();
   if (hdr->cls == kLarge) {
     const std::size_t len = hdr->size + sizeof(Header);

@@ -147,7 +147,7 @@ std::uint8_t* allocate(std::size_t n) {
 // `n` is the size given to allocate() (SecureBuffer's capacity_).
 void release(std::uint8_t* p, std::size_t n) {
   if (p == nullptr) return;
-  OPENSSL_cleanse(p, n);
+  cleanse(p, n);
   if (int cls = SmallArena::class_of(n); cls >= 0) {
     small_arena().give(p, cls);
     return;
@@ -187,7 +187,7 @@ SecureBuffer& SecureBuffer::operator=(SecureBuffer&& other) noexcept {
 
 void SecureBuffer::shrink(std::size_t new_size) {
   if (new_size >= size_) return;
-  OPENSSL_cleanse(data_ + new_size, size_ - new_size);
+  cleanse(data_ + new_size, size_ - new_size);
   size_ = new_size;
 }
 
@@ -201,9 +201,13 @@ bool SecureBuffer::operator==(const SecureBuffer& o) const {
   return size_ == o.size_ && (size_ == 0 || CRYPTO_memcmp(data_, o.data_, size_) == 0);
 }
 
+void cleanse(void* p, std::size_t n) noexcept {
+  if (n != 0) ::explicit_bzero(p, n);
+}
+
 __attribute__((noinline)) void scrub_stack() noexcept {
   volatile std::uint8_t area[16384];
-  OPENSSL_cleanse(const_cast<std::uint8_t*>(area), sizeof area);
+  cleanse(const_cast<std::uint8_t*>(area), sizeof area);
   // Keep the compiler from treating `area` as dead.
   __asm__ __volatile__("" : : "r"(area) : "memory");
 }

@@ -56,6 +56,11 @@ class SecureBuffer {
   std::size_t capacity_ = 0;
 };
 
+// Zeroes `n` bytes at `p` in a way the compiler cannot drop (explicit_bzero:
+// glibc's vectorised memset, ~7x faster than OPENSSL_cleanse's 8-byte loop
+// on a 16 KiB area, which made scrub_stack 5 % of a write-heavy mount's CPU).
+void cleanse(void* p, std::size_t n) noexcept;
+
 // Zeroes the 16 KiB of stack below the caller's frame: what functions that
 // returned meanwhile left there (OpenSSL's key set-up, a KMS call) is
 // gone afterwards. Thread stacks are dumpable memory; called after the

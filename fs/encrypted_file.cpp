@@ -78,7 +78,7 @@ bool EncryptedFile::check_block(std::uint64_t block, std::span<const std::uint8_
   if (stored.size() <= bl::kBlockOverhead || stored.size() > bl::kStoredBlockSize) return false;
   std::uint8_t plain[bl::kBlockSize];
   const bool ok = open_block(block, stored, plain);
-  OPENSSL_cleanse(plain, sizeof plain);
+  crypto::cleanse(plain, sizeof plain);
   return ok;
 }
 
