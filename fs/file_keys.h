@@ -30,7 +30,7 @@ struct FileKeyOptions {
   // (keyclient/data_key_cache.h). Off: every open and create asks the KMS.
   bool cache = true;
   double cache_ttl = 300;          // seconds a cached or prefetched data key stays usable
-  std::size_t cache_entries = 4096;
+  std::size_t cache_entries = 65536;
   std::size_t prefetch = 8;        // pre-generated data keys kept ready at first, up to 8x under load (0 = none)
 };
 

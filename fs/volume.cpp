@@ -294,6 +294,10 @@ Result<MountOptions, std::string> parse_mount_options(const std::string& opts, M
       auto d = parse_seconds(name, value);
       if (!d) return unexpected(d.error());
       base.key_cache_ttl = *d;
+    } else if (name == "key_cache_entries") {
+      auto n = parse_count(name, value, 1, 1 << 20);
+      if (!n) return unexpected(n.error());
+      base.key_cache_entries = static_cast<std::size_t>(*n);
     } else if (name == "key_readahead") {
       auto n = parse_count(name, value, 0, 65536);
       if (!n) return unexpected(n.error());
@@ -444,6 +448,7 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
   FileKeyOptions key_options;
   key_options.cache = opts.key_cache;
   key_options.cache_ttl = opts.key_cache_ttl;
+  key_options.cache_entries = opts.key_cache_entries;
   FileKeys keys(impl_->kms, impl_->config.filesystem_id_hex(), impl_->config.key_id, key_options);
   // Follow kmsfs.json's key (rewrap --to-key on a live mount): re-read it
   // when its inode, size or mtime changed, and only if it is still this

@@ -70,6 +70,7 @@ struct MountOptions {
   unsigned max_threads = 0;
   bool key_cache = true;            // key_cache=on|off: DEK cache and data-key prefetch
   double key_cache_ttl = 300;       // key_cache_ttl=SECONDS
+  std::size_t key_cache_entries = 65536;  // key_cache_entries=N: data keys cached at most
   // key_readahead=N: when a program walks a directory, unwrap the keys of up
   // to N of its files at a time ahead of their opens (fs/key_readahead.h);
   // 0 = off. Needs the key cache.

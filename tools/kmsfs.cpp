@@ -114,6 +114,8 @@ Options:
       key_cache=on|off   cache data keys after close and pre-generate keys for
                          new files (default on)
       key_cache_ttl=S    seconds a cached data key stays usable (default 300)
+      key_cache_entries=N  data keys cached at most, least recently used
+                         dropped first (default 65536, 1 to 1048576)
       key_readahead=N    when a program walks a directory, unwrap the data keys
                          of up to N of its files at a time before they are
                          opened (default 256; 0 = off; needs key_cache)

@@ -3,7 +3,8 @@
 // opens, each key once; the audit trail shows one Decrypt per file of that
 // directory and none for other directories; the backing files' access times
 // stay as they were; -o key_readahead=0 turns it off. A walk of a listed
-// tree reads the other listed directories ahead too.
+// tree reads the other listed directories ahead too. -o key_cache_entries
+// bounds the cache the read-ahead fills.
 
 #include <dirent.h>
 #include <fcntl.h>
@@ -153,6 +154,51 @@ TEST(KeyReadaheadMount, ATreeWalkUnwrapsTheOtherListedDirectoriesAhead) {
   std::this_thread::sleep_for(200ms);
   EXPECT_EQ(file_key_decrypts() - before, expected + 1) << "the unlisted directory: only the file read";
   m.unmount();
+}
+
+// -o key_cache_entries bounds the DEK cache: with room for 4 keys, after
+// reading 10 files of a fresh mount the first one read needs a Decrypt
+// again, the last one does not; with the default bound neither does.
+// (Files are read, not created, in the measured mounts: a create's
+// prefetch refill adds keys to the cache too.)
+TEST(KeyReadaheadMount, KeyCacheEntriesBoundsTheCachedKeys) {
+  TempKms kms;
+  Mount m(kms.root(), "cache-bound");
+  constexpr int kFiles = 10;
+  m.mount();
+  for (int i = 0; i < kFiles; ++i) write_file(m.path("f" + std::to_string(i)), content_of(i));
+  m.unmount();
+  auto read_all = [&] {
+    for (int i = 0; i < kFiles; ++i) {
+      EXPECT_EQ(read_file(m.path("f" + std::to_string(i))), content_of(i));
+    }
+    std::this_thread::sleep_for(300ms);  // RELEASE is asynchronous: the keys leave the inodes
+  };
+
+  m.mount({"-o", "key_readahead=0,key_cache_entries=4"});
+  int before = file_key_decrypts();
+  read_all();
+  EXPECT_EQ(file_key_decrypts() - before, kFiles);
+  before = file_key_decrypts();
+  EXPECT_EQ(read_file(m.path("f" + std::to_string(kFiles - 1))), content_of(kFiles - 1));
+  EXPECT_EQ(file_key_decrypts() - before, 0) << "the newest key should still be cached";
+  EXPECT_EQ(read_file(m.path("f0")), content_of(0));
+  EXPECT_EQ(file_key_decrypts() - before, 1) << "the oldest key should have been evicted";
+  m.unmount();
+
+  m.mount({"-o", "key_readahead=0"});
+  read_all();
+  before = file_key_decrypts();
+  EXPECT_EQ(read_file(m.path("f0")), content_of(0));
+  EXPECT_EQ(file_key_decrypts() - before, 0) << "the default bound keeps far more than 10 keys";
+  m.unmount();
+
+  for (const char* bad : {"key_cache_entries=0", "key_cache_entries=many", "key_cache_entries=2000000"}) {
+    auto r = run_command({bin("kmsfs"), "mount", "-o", bad, m.cipher(), m.mnt()});
+    EXPECT_EQ(r.exit_code, 2) << bad << ": " << r.err;
+    EXPECT_NE(r.err.find("key_cache_entries"), std::string::npos) << r.err;
+    EXPECT_FALSE(is_mountpoint(m.mnt()));
+  }
 }
 
 TEST(KeyReadaheadMount, BadOptionValuesAreRefusedByName) {
