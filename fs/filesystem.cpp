@@ -297,6 +297,18 @@ int Filesystem::stat_inode(Inode& inode, struct stat* st) {
   return 0;
 }
 
+int Filesystem::descriptor_room() {
+  // Read each time: a limit lowered from outside (prlimit) counts at once.
+  // One getrlimit is ~0.1 µs against the ~20 µs of the request.
+  struct rlimit lim {};
+  if (::getrlimit(RLIMIT_NOFILE, &lim) != 0 || lim.rlim_cur == RLIM_INFINITY) return 0;
+  const auto limit = static_cast<std::size_t>(lim.rlim_cur);
+  const std::size_t reserve = descriptor_reserve(limit);
+  const std::size_t held = inode_total_.load() + static_cast<std::size_t>(std::max(open_handles_.load(), 0));
+  if (held + reserve < limit) return 0;
+  return note_open_error(EMFILE);
+}
+
 int Filesystem::note_open_error(int err) {
   if (err != EMFILE && err != ENFILE) return err;
   if (settings_.max_inodes > 0) kick_trimmer();
@@ -353,6 +365,7 @@ int Filesystem::do_lookup(Inode& parent, const char* name, fuse_entry_param* e, 
     }
   }
   if (inode == nullptr) {
+    if (int err = descriptor_room(); err != 0) return err;
     UniqueFd fd(::openat(parent.fd.get(), name, O_PATH | O_NOFOLLOW | O_CLOEXEC));
     if (!fd.valid()) return note_open_error(errno);
     // The name may have moved on to another inode since the stat.
@@ -598,6 +611,8 @@ void Filesystem::reply_new_entry(fuse_req_t req, Inode& parent, const char* name
 void Filesystem::mknod(fuse_req_t req, fuse_ino_t parent, const char* name, mode_t mode,
                        dev_t rdev) {
   if (reserved_name(parent, name)) return (void)fuse_reply_err(req, EPERM);
+  // Refused before the name exists rather than after (the new inode's descriptor).
+  if (int err = descriptor_room(); err != 0) return (void)fuse_reply_err(req, err);
   Inode& p = inode_of(parent);
   NameMapper::Backing b;
   if (int err = backing_name(p, name, b); err != 0) return (void)fuse_reply_err(req, err);
@@ -719,6 +734,7 @@ void Filesystem::drop_parked_dir_iv(int parent_fd, ParkedDirIv& parked) {
 
 void Filesystem::symlink(fuse_req_t req, const char* link, fuse_ino_t parent, const char* name) {
   if (reserved_name(parent, name)) return (void)fuse_reply_err(req, EPERM);
+  if (int err = descriptor_room(); err != 0) return (void)fuse_reply_err(req, err);
   Inode& p = inode_of(parent);
   NameMapper::Backing b;
   if (int err = backing_name(p, name, b); err != 0) return (void)fuse_reply_err(req, err);
@@ -781,6 +797,7 @@ void Filesystem::rename(fuse_req_t req, fuse_ino_t parent, const char* name, fus
 
 void Filesystem::link(fuse_req_t req, fuse_ino_t ino, fuse_ino_t newparent, const char* newname) {
   if (reserved_name(newparent, newname)) return (void)fuse_reply_err(req, EPERM);
+  if (int err = descriptor_room(); err != 0) return (void)fuse_reply_err(req, err);
   Inode& inode = inode_of(ino);
   Inode& np = inode_of(newparent);
   NameMapper::Backing b;
@@ -977,6 +994,7 @@ void Filesystem::open(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   }
   const bool wants_write = (fi->flags & O_ACCMODE) != O_RDONLY || (fi->flags & O_TRUNC) != 0;
   if (settings_.read_only && wants_write) return (void)fuse_reply_err(req, EROFS);
+  if (int err = descriptor_room(); err != 0) return (void)fuse_reply_err(req, err);
   const std::string path = proc_path(inode.fd.get());
   UniqueFd fd(::open(path.c_str(), backing_flags(fi->flags, settings_.read_only)));
   if (!fd.valid() && errno == EACCES && !wants_write) {
@@ -1044,6 +1062,8 @@ void Filesystem::create(fuse_req_t req, fuse_ino_t parent, const char* name, mod
   Inode& p = inode_of(parent);
   NameMapper::Backing b;
   if (int err = backing_name(p, name, b); err != 0) return (void)fuse_reply_err(req, err);
+  // The handle's descriptor and the new inode's.
+  if (int err = descriptor_room(); err != 0) return (void)fuse_reply_err(req, err);
   if (int err = prepare_long_name(p, b); err != 0) return (void)fuse_reply_err(req, err);
   // Made here, or there already (a race with another creator)? Only a file
   // made here is owned by the caller and removed again if it cannot get a key.
@@ -1244,6 +1264,7 @@ void Filesystem::fsync(fuse_req_t req, fuse_ino_t, int datasync, fuse_file_info*
 
 void Filesystem::opendir(fuse_req_t req, fuse_ino_t ino, fuse_file_info* fi) {
   Inode& inode = inode_of(ino);
+  if (int err = descriptor_room(); err != 0) return (void)fuse_reply_err(req, err);
   UniqueFd fd(::openat(inode.fd.get(), ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC));
   if (!fd.valid()) return (void)fuse_reply_err(req, note_open_error(errno));
   auto handle = std::make_unique<DirHandle>();
@@ -1324,8 +1345,16 @@ void Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
           d->offset = next;
           continue;
         }
-        if (used == 0) return (void)fuse_reply_err(req, err);
-        break;
+        if (err == EMFILE || err == ENFILE) {
+          // Out of descriptors: the entry goes without attributes, as
+          // past the inode bound; its lookup comes when it is used.
+          e = fuse_entry_param{};
+          e.attr.st_ino = entry->d_ino;
+          e.attr.st_mode = static_cast<mode_t>(entry->d_type) << 12;
+        } else {
+          if (used == 0) return (void)fuse_reply_err(req, err);
+          break;
+        }
       }
       need = fuse_add_direntry_plus(req, buf.data() + used, size - used, plain_name->c_str(), &e, next);
       if (need > size - used) {
@@ -1384,7 +1413,21 @@ void Filesystem::setxattr(fuse_req_t req, fuse_ino_t ino, const char* name, cons
   if (stored.size() > XATTR_NAME_MAX) return (void)fuse_reply_err(req, ERANGE);
   auto sealed = names_.encrypt_xattr_value(
       stored, std::span(reinterpret_cast<const std::uint8_t*>(value), size));
-  int rc = ::setxattr(proc_path(inode.fd.get()).c_str(), stored.c_str(), sealed.data(), sealed.size(), flags);
+  const std::string path = proc_path(inode.fd.get());
+  // listxattr(2) hands out at most XATTR_LIST_MAX (64 KiB) of names, and the
+  // stored (encrypted) names are longer than the plaintext ones: a name
+  // that would take the backing list past it is refused with ENOSPC, as a
+  // full ext4 inode does, so that listxattr on the mount always works
+  // (it would fail with E2BIG on every later call otherwise).
+  std::lock_guard lock(xattr_mutex_);
+  if (::getxattr(path.c_str(), stored.c_str(), nullptr, 0) < 0 && errno == ENODATA) {
+    const ssize_t listed = ::listxattr(path.c_str(), nullptr, 0);
+    if (listed < 0) return (void)fuse_reply_err(req, errno);
+    if (static_cast<std::size_t>(listed) + stored.size() + 1 > XATTR_LIST_MAX) {
+      return (void)fuse_reply_err(req, ENOSPC);
+    }
+  }
+  int rc = ::setxattr(path.c_str(), stored.c_str(), sealed.data(), sealed.size(), flags);
   fuse_reply_err(req, rc == 0 ? 0 : errno);
 }
 

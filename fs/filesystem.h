@@ -32,6 +32,13 @@
 
 namespace kmsfs::fs {
 
+// Descriptors of the open-file limit `limit` that the filesystem leaves
+// free for everything else in the process (the KMS core, the HSM module,
+// the FUSE session, logs): an eighth, at least 128 and at most 4096.
+constexpr std::size_t descriptor_reserve(std::size_t limit) {
+  return limit / 8 < 128 ? 128 : (limit / 8 > 4096 ? 4096 : limit / 8);
+}
+
 struct FsSettings {
   double entry_timeout = 1.0;
   double attr_timeout = 1.0;
@@ -211,6 +218,14 @@ class Filesystem {
   // Returns `err`; for EMFILE/ENFILE first logs (at most every 30 s) what
   // to do about it.
   int note_open_error(int err);
+  // 0, or EMFILE when the mount's own descriptors (an O_PATH one per inode,
+  // one per open file and directory handle) have reached the open-file
+  // limit less a reserve (descriptor_reserve): the rest stays free for the
+  // KMS. SoftHSM2 opens its object files on every call and marks an object
+  // (or the whole token) unusable for the rest of the process when such an
+  // open fails, so a client holding thousands of descriptors open through
+  // the mount must meet EMFILE here, not in the HSM.
+  int descriptor_room();
   // A cold open of `inode`: tells the key read-ahead.
   void note_cold_open(Inode& inode);
   // An O_RDONLY descriptor of the directory (dev, ino) while an inode of the
@@ -231,6 +246,9 @@ class Filesystem {
 
   std::atomic<double> last_activity_{now_seconds()};
   std::atomic<int> open_handles_{0};
+  // Serialises setxattr's check of the backing name list's size with the
+  // set itself (Filesystem::setxattr).
+  std::mutex xattr_mutex_;
   // Directory handles not released yet: a RELEASEDIR still queued when the
   // session ends never arrives, so the destructor frees what is left.
   std::mutex dir_handles_mu_;

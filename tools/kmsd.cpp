@@ -16,6 +16,7 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
@@ -256,6 +257,9 @@ int run(int argc, char** argv) {
   signal(SIGPIPE, SIG_IGN);
   // No core dumps of a process holding data keys and the PIN.
   kmsfs::cli::refuse_core_dumps();
+  // Soft open-file limit up to the hard one (systemd's default soft limit
+  // is 1,024, as many as kmsd's default connection limit).
+  const unsigned long fd_limit = kmsfs::cli::raise_open_file_limit();
 
   KmsOptions ko;
   ko.spec = "embedded";
@@ -305,6 +309,20 @@ int run(int argc, char** argv) {
   KmsCore& kms = **core;
   KmsdServerOptions so;
   so.worker_threads = s.threads;
+  // Each client connection holds a descriptor. The rest of the open-file
+  // limit stays free for the KMS: SoftHSM2 opens its object files on every
+  // call and treats a key (or its whole token) as gone for the rest of the
+  // process when such an open fails, so a flood of connections must meet
+  // the connection limit (503 ThrottlingException), never EMFILE there.
+  if (fd_limit > 0) {
+    const unsigned long reserve = std::max(256UL, fd_limit / 8);
+    const unsigned long room = fd_limit > reserve + 16 ? fd_limit - reserve : 16;
+    if (so.max_connections > room) {
+      log->warn("open-file limit {}: at most {} client connections (raise LimitNOFILE= for more)", fd_limit,
+                room);
+      so.max_connections = room;
+    }
+  }
   so.request_timeout = std::chrono::milliseconds(static_cast<long long>(s.request_timeout * 1000));
   KmsdServer server(
       [&kms](const CallerIdentity& caller, std::string_view op, const nlohmann::json& body) {

@@ -757,6 +757,51 @@ struct SmallTmpfs {
   bool mounted = false;
 };
 
+// listxattr(2) hands out at most 64 KiB of names and the backing store's
+// names are the encrypted, longer ones. On a backing tmpfs (which itself
+// takes any number), user xattrs are added until the mount refuses one:
+// it must refuse with ENOSPC, and listxattr must still list every name it
+// took (it failed with E2BIG once the encrypted list passed 64 KiB).
+TEST(XattrListLimit, NamesStopBeforeListxattrWouldFail) {
+  TempKms kms;
+  const std::string store_dir = kms.root() + "/xattrs";
+  SmallTmpfs store(store_dir, "64m");
+  ASSERT_TRUE(store.mounted) << std::strerror(errno);
+  Mount vol(store_dir, "vol");
+  vol.mount();
+  const std::string f = vol.path("f");
+  write_file(f, {'x'});
+  std::set<std::string> taken;
+  int err = 0;
+  for (int i = 0; i < 5000 && err == 0; ++i) {
+    const std::string name = "user.attribute_with_a_longish_name_" + std::to_string(i);
+    if (::setxattr(f.c_str(), name.c_str(), "v", 1, 0) == 0) {
+      taken.insert(name);
+    } else {
+      err = errno;
+    }
+  }
+  EXPECT_EQ(err, ENOSPC) << std::strerror(err);
+  EXPECT_GT(taken.size(), 100U);
+  ssize_t n = ::listxattr(f.c_str(), nullptr, 0);
+  ASSERT_GT(n, 0) << std::strerror(errno);
+  std::vector<char> list(static_cast<size_t>(n));
+  n = ::listxattr(f.c_str(), list.data(), list.size());
+  ASSERT_GT(n, 0) << std::strerror(errno);
+  std::set<std::string> listed;
+  for (ssize_t i = 0; i < n; i += static_cast<ssize_t>(std::strlen(list.data() + i)) + 1) {
+    listed.insert(list.data() + i);
+  }
+  EXPECT_EQ(listed, taken);
+  // A name already there can still be replaced, and after a removal there
+  // is room for a new one.
+  const std::string first = *taken.begin();
+  EXPECT_EQ(::setxattr(f.c_str(), first.c_str(), "w", 1, XATTR_REPLACE), 0) << std::strerror(errno);
+  ASSERT_EQ(::removexattr(f.c_str(), first.c_str()), 0) << std::strerror(errno);
+  EXPECT_EQ(::setxattr(f.c_str(), "user.x", "v", 1, 0), 0) << std::strerror(errno);
+  vol.unmount();
+}
+
 // A backing filesystem that runs full: writes fail with ENOSPC, what was
 // stored before stays intact, and the mount keeps serving.
 TEST(FullBackingStore, EnospcFailsCleanlyAndKeepsServing) {

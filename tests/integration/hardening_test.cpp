@@ -431,6 +431,96 @@ TEST_F(Hardening, ClosedFileLeavesItsDataKeyNowhereInMemory) {
   EXPECT_EQ(m.stop(), 0);
 }
 
+// A client that holds every descriptor the mount will give (the server's
+// limit lowered to 1,000 with prlimit) meets EMFILE from the mount, while
+// the KMS in the same process keeps a reserve: SoftHSM2 opens its object
+// files on every call and, when such an open fails, treats the key (or the
+// whole token) as gone for the rest of the process, so that every later
+// file create failed with EIO ("key material missing from the HSM").
+// Under that pressure new files still get keys from the pool as it refills,
+// and afterwards everything works and nothing is lost.
+TEST_F(Hardening, ClientHoldingEveryDescriptorLeavesTheKmsWorking) {
+  ForegroundMount m(cipher_, mnt_, {}, log_);
+  ASSERT_NO_THROW(m.start());
+  const auto before = random_bytes(5000, 11);
+  write_file(mnt_ + "/before", before);
+  struct rlimit low {1000, 1000};
+  ASSERT_EQ(::prlimit(m.pid(), RLIMIT_NOFILE, &low, nullptr), 0) << std::strerror(errno);
+  std::vector<int> held;
+  auto close_all = [&] {
+    for (int fd : held) ::close(fd);
+    held.clear();
+  };
+  int err = 0;
+  for (int i = 0; i < 3000 && err == 0; ++i) {
+    const int fd = ::open((mnt_ + "/before").c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd >= 0) {
+      held.push_back(fd);
+    } else {
+      err = errno;
+    }
+  }
+  EXPECT_EQ(err, EMFILE) << std::strerror(err) << " after " << held.size() << " opens";
+  EXPECT_GT(held.size(), 500U);
+  // At the limit: free two handles, create a file (its key comes from the
+  // pool, which refills with GenerateDataKey) and keep it open, so that the
+  // refill runs while the client holds everything again.
+  int created = 0;
+  for (int round = 0; round < 40; ++round) {
+    for (int k = 0; k < 2 && !held.empty(); ++k) {
+      ::close(held.back());
+      held.pop_back();
+    }
+    const std::string name = mnt_ + "/under-pressure-" + std::to_string(round);
+    const int fd = ::open(name.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+      EXPECT_EQ(::write(fd, "p", 1), 1) << name << ": " << std::strerror(errno);
+      held.push_back(fd);
+      ++created;
+    } else {
+      EXPECT_EQ(errno, EMFILE) << name << ": " << std::strerror(errno);
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_GT(created, 0);
+  close_all();
+  // Releases are asynchronous: the first create may still meet EMFILE.
+  int first = -1;
+  for (int i = 0; i < 100 && first < 0; ++i) {
+    first = ::open((mnt_ + "/after-0").c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0644);
+    if (first < 0 && errno != EMFILE) break;
+    if (first < 0) std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  ASSERT_GE(first, 0) << std::strerror(errno);
+  ::close(first);
+  for (int i = 1; i < 100; ++i) {
+    write_file(mnt_ + "/after-" + std::to_string(i), random_bytes(3000, 100 + i));
+  }
+  for (int i = 1; i < 100; ++i) {
+    EXPECT_EQ(read_file(mnt_ + "/after-" + std::to_string(i)), random_bytes(3000, 100 + i)) << i;
+  }
+  EXPECT_EQ(read_file(mnt_ + "/before"), before);
+  int exit_code = 0;
+  EXPECT_TRUE(m.alive(exit_code)) << exit_code;
+  EXPECT_EQ(m.stop(), 0);
+  const std::string log = slurp(log_);
+  EXPECT_EQ(log.find("key material missing"), std::string::npos) << log.substr(0, 4000);
+  EXPECT_EQ(log.find("no key labelled"), std::string::npos) << log.substr(0, 4000);
+  // Everything acknowledged is there after a remount, with a cold key cache.
+  ForegroundMount again(cipher_, mnt_, {}, log_);
+  ASSERT_NO_THROW(again.start());
+  EXPECT_EQ(read_file(mnt_ + "/before"), before);
+  for (int round = 0; round < 40; ++round) {
+    const std::string name = mnt_ + "/under-pressure-" + std::to_string(round);
+    struct stat st {};
+    if (::stat(name.c_str(), &st) == 0) {
+      EXPECT_EQ(read_file(name), std::vector<std::uint8_t>{'p'}) << name;
+    }
+  }
+  EXPECT_EQ(read_file(mnt_ + "/after-7"), random_bytes(3000, 107));
+  EXPECT_EQ(again.stop(), 0);
+}
+
 TEST_F(Hardening, PinFileWithWideModeIsRefused) {
   const std::string pin = kms_->root() + "/wide.pin";
   write_file(pin, std::vector<std::uint8_t>(pin_.begin(), pin_.end()));

@@ -36,12 +36,13 @@ int connect_unix(const std::string& path) {
   return fd;
 }
 
-KmsdProcess::KmsdProcess(std::string root, std::vector<std::string> extra_args)
+KmsdProcess::KmsdProcess(std::string root, std::vector<std::string> extra_args, std::vector<std::string> launcher)
     : root_(std::move(root)),
       state_(root_ + "/kmsd-state"),
       socket_(root_ + "/kmsd.sock"),
       log_(root_ + "/kmsd.log"),
-      extra_(std::move(extra_args)) {}
+      extra_(std::move(extra_args)),
+      launcher_(std::move(launcher)) {}
 
 KmsdProcess::~KmsdProcess() {
   if (pid_ > 0) kill9();
@@ -59,6 +60,7 @@ void KmsdProcess::spawn() {
   std::vector<std::string> argv{bin("kmsd"), "--config", "/dev/null", "--state-dir", state_,
                                 "--socket", socket_, "--log-level", "debug"};
   argv.insert(argv.end(), extra_.begin(), extra_.end());
+  argv.insert(argv.begin(), launcher_.begin(), launcher_.end());  // execs kmsd: the same pid
   std::vector<char*> args;
   for (auto& a : argv) args.push_back(a.data());
   args.push_back(nullptr);

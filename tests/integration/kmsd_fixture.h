@@ -15,7 +15,10 @@ class KmsdProcess {
  public:
   // `root`: an existing directory; the state dir is root/kmsd-state, the
   // socket root/kmsd.sock, the log root/kmsd.log.
-  explicit KmsdProcess(std::string root, std::vector<std::string> extra_args = {});
+  // `launcher`: a command kmsd runs under, e.g. {"/usr/bin/prlimit",
+  // "--nofile=400:400", "--"}; empty = none.
+  explicit KmsdProcess(std::string root, std::vector<std::string> extra_args = {},
+                       std::vector<std::string> launcher = {});
   ~KmsdProcess();
   KmsdProcess(const KmsdProcess&) = delete;
   KmsdProcess& operator=(const KmsdProcess&) = delete;
@@ -47,6 +50,7 @@ class KmsdProcess {
   std::string socket_;
   std::string log_;
   std::vector<std::string> extra_;
+  std::vector<std::string> launcher_;
   pid_t pid_ = -1;
 };
 

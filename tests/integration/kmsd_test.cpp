@@ -208,6 +208,71 @@ TEST_F(Kmsd, BadRequestsGetErrorsWhileOthersAreServed) {
   EXPECT_NE(::stat(sock.c_str(), &st), 0) << "kmsd left its socket behind";
 }
 
+// A flood of connections held open, more than kmsd's open-file limit
+// (lowered to 400 with prlimit), meets kmsd's connection limit (503
+// ThrottlingException) while the KMS keeps descriptors for itself: SoftHSM2
+// opens its object files on every call and treats a key (or its whole
+// token) as gone for the rest of the process when such an open fails, so
+// an EMFILE there broke every later call until a restart.
+TEST_F(Kmsd, ConnectionFloodLeavesTheHsmWorking) {
+  kmsd_ = std::make_unique<KmsdProcess>(root_, std::vector<std::string>{},
+                                        std::vector<std::string>{"/usr/bin/prlimit", "--nofile=400:400", "--"});
+  kmsd_->start();
+  KmsdClientOptions o;
+  o.socket_path = kmsd_->socket();
+  o.io_timeout = 20s;
+  client_ = std::make_unique<KmsdClient>(o);
+  const std::string key = new_key();
+  const std::string sock = kmsd_->socket();
+  // A connection made before the flood, used during it.
+  const int early = connect_unix(sock);
+  ASSERT_GE(early, 0);
+  std::this_thread::sleep_for(200ms);
+  std::vector<int> held;
+  for (int i = 0; i < 600; ++i) {
+    const int fd = connect_unix(sock);
+    if (fd < 0) break;
+    held.push_back(fd);
+  }
+  EXPECT_GT(held.size(), 400U);
+  std::this_thread::sleep_for(500ms);
+  const std::string body = json{{"KeyId", key}, {"KeySpec", "AES_256"}}.dump();
+  const std::string req = request("GenerateDataKey", body);
+  ASSERT_EQ(::send(early, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+  std::string got;
+  char buf[4096];
+  pollfd p{early, POLLIN, 0};
+  while (got.find("\r\n\r\n") == std::string::npos && ::poll(&p, 1, 10000) > 0) {
+    const ssize_t n = ::recv(early, buf, sizeof buf, 0);
+    if (n <= 0) break;
+    got.append(buf, static_cast<std::size_t>(n));
+  }
+  EXPECT_NE(got.find("HTTP/1.1 200"), std::string::npos) << got;
+  ::close(early);
+  for (int fd : held) ::close(fd);
+  // Afterwards every call works, and the flood met the connection limit.
+  for (int i = 0; i < 20; ++i) {
+    GenerateDataKeyRequest g;
+    g.key_id = key;
+    g.key_spec = "AES_256";
+    auto dk = client_->generate_data_key(g);
+    ASSERT_TRUE(dk) << i << ": " << dk.error().to_string() << "\n" << kmsd_->log().substr(0, 3000);
+    DecryptRequest d;
+    d.ciphertext_blob = dk->ciphertext_blob;
+    auto back = client_->decrypt(d);
+    ASSERT_TRUE(back) << back.error().to_string();
+    ASSERT_EQ(back->plaintext.size(), dk->plaintext.size());
+    EXPECT_TRUE(std::equal(back->plaintext.data(), back->plaintext.data() + back->plaintext.size(),
+                           dk->plaintext.data()));
+  }
+  const std::string log = kmsd_->log();
+  EXPECT_NE(log.find("client connections"), std::string::npos) << "the connection limit was not lowered";
+  EXPECT_NE(log.find("refusing a connection"), std::string::npos);
+  EXPECT_EQ(log.find("no key labelled"), std::string::npos);
+  EXPECT_EQ(log.find("Too many open files"), std::string::npos);
+  EXPECT_EQ(kmsd_->stop(SIGTERM), 0);
+}
+
 TEST_F(Kmsd, SigtermDrainsRequestsInFlightAndExitsZero) {
   start({"--threads", "2"});
   const std::string key = new_key();
