@@ -23,8 +23,10 @@ PACKAGES=(
 # --test (scripts/test.sh): also clang, whose libFuzzer runs the fuzz targets
 # (tests/fuzz/run.sh), and libclang-rt-dev: its runtime libraries
 # (libclang_rt.fuzzer, libclang_rt.asan), which clang does not pull in.
+# Also the applications and exercisers tests/apps/run.sh runs on a mount:
+# sqlite3, PostgreSQL (server and pgbench), fio and stress-ng.
 if [[ ${1:-} == --test ]]; then
-  PACKAGES+=(clang libclang-rt-dev)
+  PACKAGES+=(clang libclang-rt-dev sqlite3 postgresql postgresql-contrib fio stress-ng)
 fi
 # The AWS SDK for JavaScript test (npm install @aws-sdk/client-kms): any
 # node and npm will do. Debian's are installed only when none is on PATH

@@ -86,6 +86,10 @@ fi
 if step "build (warnings as errors) in ${BUILD_DIR#"$ROOT"/}" \
     bash scripts/build.sh --werror --build-dir "$BUILD_DIR"; then
   step "tests in ${BUILD_DIR#"$ROOT"/}" run_ctest "$BUILD_DIR"
+  # Real applications and exercisers on a mount (tests/apps/run.sh, ~4 min):
+  # git, SQLite and PostgreSQL with the server killed mid-run, fio verify,
+  # stress-ng's filesystem stressors.
+  step "applications on the mount (${BUILD_DIR#"$ROOT"/})" bash tests/apps/run.sh "$BUILD_DIR"
 else
   skip "tests in ${BUILD_DIR#"$ROOT"/} (build failed)"
 fi
@@ -94,6 +98,9 @@ if step "build ASan+UBSan (warnings as errors) in ${ASAN_DIR#"$ROOT"/}" \
     bash scripts/build.sh --asan --werror --build-dir "$ASAN_DIR"; then
   lsan_probe
   step "tests under ASan+UBSan in ${ASAN_DIR#"$ROOT"/}" run_asan_ctest
+  step "applications on the mount under ASan+UBSan" env \
+    ASAN_OPTIONS="${ASAN_OPTIONS:-$ASAN_OPTIONS_DEFAULT}" UBSAN_OPTIONS="${UBSAN_OPTIONS:-$UBSAN_OPTIONS_DEFAULT}" \
+    bash tests/apps/run.sh "$ASAN_DIR"
 else
   skip "tests under ASan+UBSan (build failed)"
 fi
