@@ -1336,25 +1336,25 @@ void Filesystem::readdir(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
       // Past the inode bound, entries go without attributes (ino 0: the
       // kernel makes no dentry and looks the name up when it is used), so
       // that listing a large directory adds no inodes at once.
-      const bool bare = dot || (settings_.max_inodes > 0 && inode_total_.load() >= settings_.max_inodes);
-      if (bare) {
-        e.attr.st_ino = entry->d_ino;
-        e.attr.st_mode = static_cast<mode_t>(entry->d_type) << 12;
-      } else if (int err = do_lookup(dir_inode, entry->d_name, &e, plain_name->c_str()); err != 0) {
+      // So does an entry whose lookup finds no descriptor left (EMFILE).
+      bool bare = dot || (settings_.max_inodes > 0 && inode_total_.load() >= settings_.max_inodes);
+      if (!bare) {
+        const int err = do_lookup(dir_inode, entry->d_name, &e, plain_name->c_str());
         if (err == ENOENT) {  // vanished meanwhile
           d->offset = next;
           continue;
         }
         if (err == EMFILE || err == ENFILE) {
-          // Out of descriptors: the entry goes without attributes, as
-          // past the inode bound; its lookup comes when it is used.
-          e = fuse_entry_param{};
-          e.attr.st_ino = entry->d_ino;
-          e.attr.st_mode = static_cast<mode_t>(entry->d_type) << 12;
-        } else {
+          bare = true;
+        } else if (err != 0) {
           if (used == 0) return (void)fuse_reply_err(req, err);
           break;
         }
+      }
+      if (bare) {
+        e = fuse_entry_param{};
+        e.attr.st_ino = entry->d_ino;
+        e.attr.st_mode = static_cast<mode_t>(entry->d_type) << 12;
       }
       need = fuse_add_direntry_plus(req, buf.data() + used, size - used, plain_name->c_str(), &e, next);
       if (need > size - used) {

@@ -283,8 +283,9 @@ run_fio() {
   )
   for args in "${jobs[@]}"; do
     # shellcheck disable=SC2086
-    if ! fio --name=v --directory="$dir" --size=24m $args --verify=crc32c --verify_fatal=1 \
-        --group_reporting --output="$WORK/fio.out" > /dev/null 2>&1; then
+    # (In $WORK: fio leaves its verify state files in the current directory.)
+    if ! (cd "$WORK" && fio --name=v --directory="$dir" --size=24m $args --verify=crc32c --verify_fatal=1 \
+        --group_reporting --output="$WORK/fio.out") > /dev/null 2>&1; then
       fail "fio: $args (see below)"
       grep -E "err|verify|bad" "$WORK/fio.out" | head -5 >&2
       ok=0
