@@ -258,6 +258,59 @@ long EncryptedFile::write(std::uint64_t plain_size, std::uint64_t off,
   return static_cast<long>(data.size());
 }
 
+std::size_t EncryptedFile::sealed_size(std::size_t len) {
+  if (len == 0) return 0;
+  const std::uint64_t blocks = (len + bl::kBlockSize - 1) / bl::kBlockSize;
+  return static_cast<std::size_t>(len + blocks * bl::kBlockOverhead);
+}
+
+void EncryptedFile::seal_ahead(std::uint64_t off, std::span<const std::uint8_t> data, std::uint8_t* out) const {
+  const std::uint64_t first = bl::block_index(off);
+  for (std::size_t done = 0; done < data.size();) {
+    const std::size_t n = std::min<std::size_t>(bl::kBlockSize, data.size() - done);
+    const std::uint64_t b = first + done / bl::kBlockSize;
+    seal_block(b, data.subspan(done, n), out + (done / bl::kBlockSize) * bl::kStoredBlockSize);
+    done += n;
+  }
+}
+
+long EncryptedFile::write_sealed(std::uint64_t plain_size, std::uint64_t off, std::size_t len,
+                                 const std::uint8_t* sealed, std::uint64_t allocated_end) const {
+  if (len == 0) return 0;
+  const std::uint64_t end = off + len;
+  // Every block's stored form must be the one seal_ahead made: whole blocks
+  // from a block boundary, the last one ending where the data ends, which
+  // holds when it is full or when the file ends there after the write.
+  if (bl::block_offset_in(off) != 0) return kNotSealable;
+  if (end % bl::kBlockSize != 0 && plain_size > end) return kNotSealable;
+  const std::uint64_t first = bl::block_index(off);
+  const std::uint64_t stored_begin = bl::stored_offset(first);
+  const std::uint64_t stored_end = stored_begin + sealed_size(len);
+
+  // A partial last block before the written range grows to a full block
+  // first (zero padded), written before the new blocks as in write().
+  const bool pad_tail = plain_size % bl::kBlockSize != 0 && bl::block_index(plain_size) < first;
+  const std::uint64_t tail = bl::block_index(plain_size);
+  const std::uint64_t reserve_begin = pad_tail ? bl::stored_offset(tail) : stored_begin;
+  const std::uint64_t reserve_from = std::max(reserve_begin, std::min(allocated_end, stored_end));
+  if (int rc = preallocate(reserve_from, stored_end - reserve_from); rc != 0) return rc;
+  if (pad_tail) {
+    std::uint8_t plain[bl::kBlockSize];
+    std::uint8_t padded[bl::kStoredBlockSize];
+    const std::uint64_t old_len = bl::block_plain_len(tail, plain_size);
+    int rc = read_block(tail, old_len, plain);
+    if (rc == 0) {
+      std::memset(plain + old_len, 0, bl::kBlockSize - old_len);
+      seal_block(tail, std::span(plain, bl::kBlockSize), padded);
+      rc = write_all(padded, sizeof padded, bl::stored_offset(tail));
+    }
+    crypto::cleanse(plain, sizeof plain);
+    if (rc != 0) return rc;
+  }
+  if (int rc = write_all(sealed, stored_end - stored_begin, stored_begin); rc != 0) return rc;
+  return static_cast<long>(len);
+}
+
 int EncryptedFile::truncate(std::uint64_t plain_size, std::uint64_t new_size) const {
   if (new_size == plain_size) return 0;
   std::uint8_t plain[bl::kBlockSize];

@@ -11,6 +11,8 @@
 // full backing filesystem fails the write with ENOSPC before any byte of a
 // block or header is changed.
 
+#include <climits>
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <span>
@@ -48,6 +50,29 @@ class EncryptedFile {
   // before writing; 0 when it does not know.
   long write(std::uint64_t plain_size, std::uint64_t off, std::span<const std::uint8_t> data,
              std::uint64_t allocated_end = 0) const;
+
+  // Sealing ahead of the lock. A large write's blocks can be encrypted
+  // before the caller takes the content lock, so that the kernel's
+  // concurrent write-back requests to one file encrypt on every core and
+  // only the checks and the pwrite(2) stay serialised.
+  //
+  // seal_ahead seals `data`, to be written at the block-aligned `off`, as
+  // the whole blocks it covers, the last one to the data's end, into `out`
+  // (sealed_size(data.size()) bytes, laid out as stored). It needs only the
+  // key: no lock, no I/O, the file is not touched.
+  static std::size_t sealed_size(std::size_t len);
+  void seal_ahead(std::uint64_t off, std::span<const std::uint8_t> data, std::uint8_t* out) const;
+
+  // Under the content lock: writes the `len` bytes at `off` that seal_ahead
+  // sealed into `sealed`, given the current `plain_size`, with the same
+  // ordering and preallocation as write(); returns len or -errno. Returns
+  // kNotSealable, having changed nothing, when those blocks are not what
+  // write() would store: `off` not block-aligned, or a write that ends inside
+  // a block while the file goes on past its end (that block must merge with
+  // the stored bytes). Then the caller calls write().
+  static constexpr long kNotSealable = LONG_MIN;
+  long write_sealed(std::uint64_t plain_size, std::uint64_t off, std::size_t len, const std::uint8_t* sealed,
+                    std::uint64_t allocated_end = 0) const;
 
   // Changes the plaintext size from `plain_size` to `new_size` (> 0; a
   // truncate to zero drops the header and is the caller's job). 0 or -errno.

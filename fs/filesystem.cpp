@@ -33,6 +33,11 @@ namespace bl = crypto::block_layout;
 
 namespace {
 
+// Writes from this size on are sealed ahead of the content lock (write()):
+// the kernel's write-back sends up to 1 MiB per request. Smaller ones,
+// mostly one request per file or per page, gain nothing from it.
+constexpr std::size_t kSealAheadMin = 64 * 1024;
+
 // A file's key, shared by its inode and the requests in flight. When the
 // last holder lets go, every worker thread's cached copy and key schedule
 // of it are cleansed as well as the key itself (crypto/aes_gcm.h), so that
@@ -1198,6 +1203,24 @@ void Filesystem::write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t s
   Inode& inode = inode_of(ino);
   const int fd = static_cast<int>(fi->fh);
   if (off < 0) return (void)fuse_reply_err(req, EINVAL);
+  const std::span data(reinterpret_cast<const std::uint8_t*>(buf), size);
+  // A large block-aligned write into a file that has its key is encrypted
+  // before the content lock (EncryptedFile::seal_ahead): the kernel sends a
+  // file's write-back as several concurrent requests, which then encrypt
+  // on every core instead of one after another under the lock.
+  std::shared_ptr<const FileKey> sealed_with;
+  std::uint8_t* sealed = nullptr;
+  if (size >= kSealAheadMin && bl::block_offset_in(static_cast<std::uint64_t>(off)) == 0) {
+    {
+      std::lock_guard sl(inode.state_mutex);
+      sealed_with = inode.key;
+    }
+    if (sealed_with) {
+      thread_local ThreadBuffer seal_buffer;
+      sealed = seal_buffer.get(EncryptedFile::sealed_size(size));
+      EncryptedFile(fd, *sealed_with, std::string()).seal_ahead(static_cast<std::uint64_t>(off), data, sealed);
+    }
+  }
   long n = 0;
   {
     std::unique_lock<std::shared_mutex> lock;
@@ -1224,9 +1247,14 @@ void Filesystem::write(fuse_req_t req, fuse_ino_t ino, const char* buf, size_t s
       inode.dense = hole >= 0 && static_cast<std::uint64_t>(hole) >= *stored ? 1 : 0;
     }
     EncryptedFile file(fd, **key, [&inode] { return describe(inode); });
-    n = file.write(plain, static_cast<std::uint64_t>(off),
-                   std::span(reinterpret_cast<const std::uint8_t*>(buf), size),
-                   settings_.cache_sizes && inode.dense == 1 ? *stored : 0);
+    const std::uint64_t allocated_end = settings_.cache_sizes && inode.dense == 1 ? *stored : 0;
+    n = EncryptedFile::kNotSealable;
+    // Sealed under the key the file still has (a truncate to zero may have
+    // given it a new one meanwhile): else sealed again here.
+    if (sealed != nullptr && key->get() == sealed_with.get()) {
+      n = file.write_sealed(plain, static_cast<std::uint64_t>(off), size, sealed, allocated_end);
+    }
+    if (n == EncryptedFile::kNotSealable) n = file.write(plain, static_cast<std::uint64_t>(off), data, allocated_end);
     if (n < 0) {
       inode.stored_size.store(-1);  // a failed write may have changed anything
       inode.dense = -1;

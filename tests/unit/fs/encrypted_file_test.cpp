@@ -89,6 +89,67 @@ TEST_F(EncryptedFileTest, RandomWritesMatchReference) {
   EXPECT_EQ(read_all(), ref_);
 }
 
+// A write sealed ahead of the lock (seal_ahead, then write_sealed) stores
+// what write() would: checked against the reference over random sizes and
+// offsets, where write_sealed refuses exactly the writes whose blocks it
+// cannot know ahead (an unaligned start, or an end inside a block of a file
+// that goes on past it) and changes nothing then.
+TEST_F(EncryptedFileTest, SealedAheadWritesMatchReference) {
+  std::mt19937 rng(11);
+  int sealed = 0;
+  int refused = 0;
+  for (int i = 0; i < 400; ++i) {
+    const std::uint64_t off = (rng() % 3 == 0) ? rng() % 300000 : (rng() % 70) * bl::kBlockSize;
+    const std::size_t len = (rng() % 2 == 0) ? (1 + rng() % 24) * bl::kBlockSize : 1 + rng() % 100000;
+    const auto data = bytes(len, static_cast<std::uint32_t>(1000 + i));
+    EncryptedFile f(fd_, key_, "test");
+    std::vector<std::uint8_t> out(EncryptedFile::sealed_size(len));
+    f.seal_ahead(off, data, out.data());
+    const std::uint64_t before = plain_size();
+    struct stat st0 {};
+    ASSERT_EQ(::fstat(fd_, &st0), 0);
+    const long n = f.write_sealed(before, off, len, out.data());
+    const bool expect_refused = off % bl::kBlockSize != 0 || ((off + len) % bl::kBlockSize != 0 && before > off + len);
+    if (expect_refused) {
+      ASSERT_EQ(n, EncryptedFile::kNotSealable) << "off " << off << " len " << len << " size " << before;
+      struct stat st1 {};
+      ASSERT_EQ(::fstat(fd_, &st1), 0);
+      EXPECT_EQ(st1.st_size, st0.st_size);
+      ++refused;
+      write(off, data);  // what the caller does then
+    } else {
+      ASSERT_EQ(n, static_cast<long>(len)) << "off " << off << " len " << len << " size " << before;
+      if (ref_.size() < off + len) ref_.resize(off + len, 0);
+      std::copy(data.begin(), data.end(), ref_.begin() + static_cast<long>(off));
+      ++sealed;
+    }
+    ASSERT_EQ(plain_size(), ref_.size());
+  }
+  EXPECT_EQ(read_all(), ref_);
+  EXPECT_GT(sealed, 100);
+  EXPECT_GT(refused, 50);
+}
+
+// The partial last block before a sealed write grows to a full block first,
+// next to the write and far before it, as write() does it.
+TEST_F(EncryptedFileTest, SealedAheadWritePadsThePartialTail) {
+  for (std::uint64_t gap : {0, 5}) {
+    SCOPED_TRACE(gap);
+    ::ftruncate(fd_, static_cast<off_t>(bl::kHeaderSize));
+    ref_.clear();
+    write(0, bytes(6000, 21));  // block 1 holds 1904 bytes
+    const std::uint64_t off = (2 + gap) * bl::kBlockSize;
+    const auto data = bytes(3 * bl::kBlockSize + 17, 22);
+    EncryptedFile f(fd_, key_, "test");
+    std::vector<std::uint8_t> out(EncryptedFile::sealed_size(data.size()));
+    f.seal_ahead(off, data, out.data());
+    ASSERT_EQ(f.write_sealed(plain_size(), off, data.size(), out.data()), static_cast<long>(data.size()));
+    ref_.resize(off + data.size(), 0);
+    std::copy(data.begin(), data.end(), ref_.begin() + static_cast<long>(off));
+    EXPECT_EQ(read_all(), ref_);
+  }
+}
+
 TEST_F(EncryptedFileTest, UnalignedReadsMatchReference) {
   write(0, bytes(50000, 3));
   EncryptedFile f(fd_, key_, "test");
