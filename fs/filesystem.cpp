@@ -425,7 +425,8 @@ void Filesystem::init(fuse_conn_info* conn) {
   if ((conn->capable & FUSE_CAP_PARALLEL_DIROPS) != 0) conn->want |= FUSE_CAP_PARALLEL_DIROPS;
   // Large requests: the kernel hands over up to 1 MiB per write.
   conn->max_write = 1U << 20;
-  conn->max_readahead = std::min<unsigned>(conn->max_readahead, 1U << 20);
+  conn->max_readahead = settings_.read_ahead > 0 ? static_cast<unsigned>(settings_.read_ahead)
+                                                : std::min<unsigned>(conn->max_readahead, 1U << 20);
   if (settings_.max_inodes > 0 && session_ != nullptr && !trimmer_.joinable()) {
     trimmer_ = std::thread([this] { trim_loop(); });
   }

@@ -57,6 +57,10 @@ struct FsSettings {
   // Key read-ahead (fs/key_readahead.h): headers read per directory chunk;
   // 0 = off. Needs the DEK cache.
   std::size_t key_readahead = 0;
+  // The kernel's read-ahead window asked for in INIT, in bytes; 0 = what
+  // the kernel offers (capped at 1 MiB). The kernel takes the smaller of
+  // this and the device's read_ahead_kb, which Volume::mount raises first.
+  std::size_t read_ahead = 0;
 };
 
 struct Inode {

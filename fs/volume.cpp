@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <climits>
 #include <thread>
 #include <csignal>
 #include <chrono>
@@ -116,6 +117,61 @@ bool run_fusermount_unmount(const std::string& mountpoint) {
   int status = 0;
   ::waitpid(pid, &status, 0);
   return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+}
+
+// A path field of /proc/self/mountinfo: the kernel writes space, tab,
+// newline and backslash as \ooo octal escapes.
+std::string unescape_mountinfo(const std::string& field) {
+  auto octal = [](char c) { return c >= '0' && c <= '7'; };
+  std::string out;
+  for (std::size_t i = 0; i < field.size(); ++i) {
+    if (field[i] == '\\' && i + 3 < field.size() && octal(field[i + 1]) && octal(field[i + 2]) &&
+        octal(field[i + 3])) {
+      out.push_back(static_cast<char>((field[i + 1] - '0') * 64 + (field[i + 2] - '0') * 8 + (field[i + 3] - '0')));
+      i += 3;
+    } else {
+      out.push_back(field[i]);
+    }
+  }
+  return out;
+}
+
+// Raises the read-ahead window of the kmsfs mount at `mountpoint` to `kb`
+// KiB through its FUSE device's /sys/class/bdi entry, found in
+// /proc/self/mountinfo (a stat of the mount point would be a request to
+// this very session, not yet served). Done before the session answers
+// INIT, whose reply the kernel then takes as the window (the smaller of
+// the two). Best effort: without root the kernel's 128 KiB stays.
+void raise_read_ahead(const std::string& mountpoint, std::size_t kb) {
+  char abs[PATH_MAX];
+  if (::realpath(mountpoint.c_str(), abs) == nullptr) return;
+  std::ifstream in("/proc/self/mountinfo");
+  std::string line;
+  std::string device;
+  while (std::getline(in, line)) {
+    std::istringstream fields(line);
+    std::string id, parent, dev, root, point;
+    fields >> id >> parent >> dev >> root >> point;
+    const auto dash = line.find(" - ");
+    if (dash == std::string::npos || unescape_mountinfo(point) != abs) continue;
+    std::istringstream rest(line.substr(dash + 3));
+    std::string fstype;
+    rest >> fstype;
+    if (fstype == "fuse.kmsfs") device = dev;  // the last one: mounted on top
+  }
+  if (device.empty()) {
+    logger()->debug("read-ahead: no kmsfs mount at {} in /proc/self/mountinfo", abs);
+    return;
+  }
+  const std::string path = "/sys/class/bdi/" + device + "/read_ahead_kb";
+  std::ofstream out(path);
+  out << kb << "\n";
+  out.flush();
+  if (!out) {
+    logger()->debug("read-ahead of {} left to the kernel: cannot write {} ({})", abs, path, errno_text(errno));
+    return;
+  }
+  logger()->debug("read-ahead of {}: {} KiB", abs, kb);
 }
 
 double now_seconds() {
@@ -306,6 +362,10 @@ Result<MountOptions, std::string> parse_mount_options(const std::string& opts, M
       auto n = parse_count(name, value, 0, 1L << 30);
       if (!n) return unexpected(n.error());
       base.max_inodes = static_cast<std::size_t>(*n);
+    } else if (name == "read_ahead_kb") {
+      auto n = parse_count(name, value, 0, 65536);
+      if (!n) return unexpected(n.error());
+      base.read_ahead_kb = static_cast<std::size_t>(*n);
     } else if (name == "max_threads") {
       auto n = parse_count(name, value, 1, 256);
       if (!n) return unexpected(n.error());
@@ -495,6 +555,7 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
     settings.max_inodes = static_cast<std::size_t>(lim.rlim_cur / 3);
   }
   settings.key_readahead = opts.key_cache ? opts.key_readahead : 0;
+  settings.read_ahead = opts.read_ahead_kb * 1024;
   // What the inode table will hold, and room for open files.
   constexpr std::size_t kPresizeCap = 65536;
   presize_descriptor_table(settings.max_inodes > 0 ? std::min(settings.max_inodes + 1024, kPresizeCap)
@@ -538,6 +599,7 @@ Result<void, std::string> Volume::serve(const std::string& mountpoint, const Mou
                       " (is it an existing directory, and is /dev/fuse usable?)");
   }
   guard.mounted = true;
+  if (opts.read_ahead_kb > 0) raise_read_ahead(mountpoint, opts.read_ahead_kb);
   // One FUSE round trip per write instead of two (fs/killpriv.h).
   if (!install_killpriv_io(se)) logger()->warn("FUSE custom I/O refused: writes ask for security.capability");
   logger()->info("mounted {} at {}", impl_->cipherdir, mountpoint);

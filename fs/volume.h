@@ -80,6 +80,13 @@ struct MountOptions {
   // at mount time, 0 = no bound.
   std::optional<std::size_t> max_inodes;
   double idle_timeout = 0;          // idle_timeout=SECONDS: unmount when unused (0 = never)
+  // read_ahead_kb=N: the kernel's read-ahead window for this mount (the
+  // FUSE device's read_ahead_kb, which the kernel sets to 128 KiB); 0 =
+  // leave the kernel's. Sequential reads overlap decryption with the
+  // reader's copies only when several requests are in flight: 1 GiB cold
+  // reads measured 1,100-1,380 MB/s at 128 KiB and 1,615-1,680 at 4 MiB.
+  // Needs root (a write to /sys/class/bdi): otherwise the kernel's stays.
+  std::size_t read_ahead_kb = 4096;
   // shared_storage: several mounts share the backing dir (NFS): no kernel
   // attribute, entry or page caching and no writeback cache.
   bool shared_storage = false;

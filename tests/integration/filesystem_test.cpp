@@ -5,6 +5,7 @@
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/sysmacros.h>
 #include <sys/xattr.h>
 #include <unistd.h>
 
@@ -1104,6 +1105,55 @@ TEST(InodeBound, ATreeLargerThanTheBoundStaysWithinItsDescriptors) {
   }
   EXPECT_LE(now, base + 100 + 20) << "descriptors: " << base << " at start, " << now << " at the end, peak " << peak;
   EXPECT_EQ(m.stop(), 0);
+}
+
+}  // namespace
+}  // namespace kmsfs::test
+
+namespace kmsfs::test {
+namespace {
+
+// The kernel's read-ahead window of the mount: its FUSE device's
+// read_ahead_kb in /sys/class/bdi ("" when it cannot be read).
+std::string read_ahead_kb_of(const std::string& mnt) {
+  struct stat st {};
+  if (::stat(mnt.c_str(), &st) != 0) return "";
+  std::ifstream in("/sys/class/bdi/" + std::to_string(major(st.st_dev)) + ":" + std::to_string(minor(st.st_dev)) +
+                   "/read_ahead_kb");
+  std::string kb;
+  in >> kb;
+  return kb;
+}
+
+TEST(ReadAheadMount, TheMountRaisesTheWindowAndTheOptionSetsIt) {
+  if (::geteuid() != 0) GTEST_SKIP() << "raising a device's read_ahead_kb needs root";
+  TempKms kms;
+  Mount m(kms.root(), "read-ahead");
+  std::vector<std::uint8_t> data(8 << 20);
+  std::mt19937 rng(3);
+  for (auto& b : data) b = static_cast<std::uint8_t>(rng());
+  m.mount();
+  write_file(m.path("big"), data);
+  // The default, 4 MiB, survives the INIT reply (the kernel takes the
+  // smaller of the reply and the device's setting).
+  EXPECT_EQ(read_ahead_kb_of(m.mnt()), "4096");
+  m.unmount();
+  m.mount({"-o", "read_ahead_kb=512"});
+  EXPECT_EQ(read_ahead_kb_of(m.mnt()), "512");
+  EXPECT_EQ(read_file(m.path("big")), data);  // read cold, in 512 KiB windows
+  m.unmount();
+  m.mount({"-o", "read_ahead_kb=0"});  // the kernel's own
+  const std::string kernels = read_ahead_kb_of(m.mnt());
+  EXPECT_FALSE(kernels.empty());
+  EXPECT_NE(kernels, "4096");
+  EXPECT_NE(kernels, "512");
+  m.unmount();
+  for (const std::string bad : {"read_ahead_kb=-1", "read_ahead_kb=70000", "read_ahead_kb=big", "read_ahead_kb="}) {
+    auto r = run_command({bin("kmsfs"), "mount", "-o", bad, m.cipher(), m.mnt()});
+    EXPECT_EQ(r.exit_code, 2) << bad << ": " << r.err;
+    EXPECT_NE(r.err.find("read_ahead_kb"), std::string::npos) << r.err;
+    EXPECT_FALSE(is_mountpoint(m.mnt()));
+  }
 }
 
 }  // namespace
