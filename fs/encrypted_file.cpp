@@ -291,8 +291,15 @@ long EncryptedFile::write_sealed(std::uint64_t plain_size, std::uint64_t off, st
   // first (zero padded), written before the new blocks as in write().
   const bool pad_tail = plain_size % bl::kBlockSize != 0 && bl::block_index(plain_size) < first;
   const std::uint64_t tail = bl::block_index(plain_size);
-  const std::uint64_t reserve_begin = pad_tail ? bl::stored_offset(tail) : stored_begin;
-  const std::uint64_t reserve_from = std::max(reserve_begin, std::min(allocated_end, stored_end));
+  // Space for the tail block's growth and for the new blocks, not for a
+  // gap between them: that stays a hole in the backing file.
+  if (pad_tail) {
+    const std::uint64_t tail_begin = bl::stored_offset(tail);
+    const std::uint64_t tail_end = std::min(tail_begin + bl::kStoredBlockSize, stored_begin);
+    const std::uint64_t from = std::max(tail_begin, std::min(allocated_end, tail_end));
+    if (int rc = preallocate(from, tail_end - from); rc != 0) return rc;
+  }
+  const std::uint64_t reserve_from = std::max(stored_begin, std::min(allocated_end, stored_end));
   if (int rc = preallocate(reserve_from, stored_end - reserve_from); rc != 0) return rc;
   if (pad_tail) {
     std::uint8_t plain[bl::kBlockSize];

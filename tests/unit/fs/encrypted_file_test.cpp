@@ -150,6 +150,24 @@ TEST_F(EncryptedFileTest, SealedAheadWritePadsThePartialTail) {
   }
 }
 
+// A sealed write far past a partial last block reserves space for that
+// block and for its own blocks, not for the gap: the gap stays a hole.
+TEST_F(EncryptedFileTest, SealedAheadWriteFarPastTheEndLeavesAHole) {
+  write(0, bytes(100, 31));
+  const std::uint64_t off = 32ULL << 20;
+  const auto data = bytes(16 * bl::kBlockSize, 32);
+  EncryptedFile f(fd_, key_, "test");
+  std::vector<std::uint8_t> out(EncryptedFile::sealed_size(data.size()));
+  f.seal_ahead(off, data, out.data());
+  ASSERT_EQ(f.write_sealed(plain_size(), off, data.size(), out.data()), static_cast<long>(data.size()));
+  ref_.resize(off + data.size(), 0);
+  std::copy(data.begin(), data.end(), ref_.begin() + static_cast<long>(off));
+  struct stat st {};
+  ASSERT_EQ(::fstat(fd_, &st), 0);
+  EXPECT_LT(static_cast<std::uint64_t>(st.st_blocks) * 512, 4ULL << 20) << "the 32 MiB gap was allocated";
+  EXPECT_EQ(read_all(), ref_);
+}
+
 TEST_F(EncryptedFileTest, UnalignedReadsMatchReference) {
   write(0, bytes(50000, 3));
   EncryptedFile f(fd_, key_, "test");
