@@ -50,6 +50,16 @@ class EncryptedFileTest : public ::testing::Test {
     if (ref_.size() < off + data.size()) ref_.resize(off + data.size(), 0);
     std::copy(data.begin(), data.end(), ref_.begin() + static_cast<long>(off));
   }
+  // Seals `data` ahead (EncryptedFile::seal_ahead), then writes it with
+  // write_sealed, which must take it, and updates the reference.
+  void write_sealed(std::uint64_t off, const std::vector<std::uint8_t>& data) {
+    EncryptedFile f(fd_, key_, "test");
+    std::vector<std::uint8_t> out(EncryptedFile::sealed_size(data.size()));
+    f.seal_ahead(off, data, out.data());
+    ASSERT_EQ(f.write_sealed(plain_size(), off, data.size(), out.data()), static_cast<long>(data.size()));
+    if (ref_.size() < off + data.size()) ref_.resize(off + data.size(), 0);
+    std::copy(data.begin(), data.end(), ref_.begin() + static_cast<long>(off));
+  }
   std::vector<std::uint8_t> read_all() {
     EncryptedFile f(fd_, key_, "test");
     std::vector<std::uint8_t> out(plain_size());
@@ -138,14 +148,7 @@ TEST_F(EncryptedFileTest, SealedAheadWritePadsThePartialTail) {
     ::ftruncate(fd_, static_cast<off_t>(bl::kHeaderSize));
     ref_.clear();
     write(0, bytes(6000, 21));  // block 1 holds 1904 bytes
-    const std::uint64_t off = (2 + gap) * bl::kBlockSize;
-    const auto data = bytes(3 * bl::kBlockSize + 17, 22);
-    EncryptedFile f(fd_, key_, "test");
-    std::vector<std::uint8_t> out(EncryptedFile::sealed_size(data.size()));
-    f.seal_ahead(off, data, out.data());
-    ASSERT_EQ(f.write_sealed(plain_size(), off, data.size(), out.data()), static_cast<long>(data.size()));
-    ref_.resize(off + data.size(), 0);
-    std::copy(data.begin(), data.end(), ref_.begin() + static_cast<long>(off));
+    write_sealed((2 + gap) * bl::kBlockSize, bytes(3 * bl::kBlockSize + 17, 22));
     EXPECT_EQ(read_all(), ref_);
   }
 }
@@ -154,14 +157,7 @@ TEST_F(EncryptedFileTest, SealedAheadWritePadsThePartialTail) {
 // block and for its own blocks, not for the gap: the gap stays a hole.
 TEST_F(EncryptedFileTest, SealedAheadWriteFarPastTheEndLeavesAHole) {
   write(0, bytes(100, 31));
-  const std::uint64_t off = 32ULL << 20;
-  const auto data = bytes(16 * bl::kBlockSize, 32);
-  EncryptedFile f(fd_, key_, "test");
-  std::vector<std::uint8_t> out(EncryptedFile::sealed_size(data.size()));
-  f.seal_ahead(off, data, out.data());
-  ASSERT_EQ(f.write_sealed(plain_size(), off, data.size(), out.data()), static_cast<long>(data.size()));
-  ref_.resize(off + data.size(), 0);
-  std::copy(data.begin(), data.end(), ref_.begin() + static_cast<long>(off));
+  write_sealed(32ULL << 20, bytes(16 * bl::kBlockSize, 32));
   struct stat st {};
   ASSERT_EQ(::fstat(fd_, &st), 0);
   EXPECT_LT(static_cast<std::uint64_t>(st.st_blocks) * 512, 4ULL << 20) << "the 32 MiB gap was allocated";
