@@ -86,6 +86,9 @@ struct MountOptions {
   // reader's copies only when several requests are in flight: 1 GiB cold
   // reads measured 1,100-1,380 MB/s at 128 KiB and 1,615-1,680 at 4 MiB.
   // Needs root (a write to /sys/class/bdi): otherwise the kernel's stays.
+  // The price: the kernel reads a whole window around each page fault of
+  // a mapped file (until it has missed 100 times), which slows sparse
+  // random mmap access to large files (docs/operations.md).
   std::size_t read_ahead_kb = 4096;
   // shared_storage: several mounts share the backing dir (NFS): no kernel
   // attribute, entry or page caching and no writeback cache.
