@@ -120,7 +120,8 @@ Options:
                          of up to N of its files at a time before they are
                          opened (default 256; 0 = off; needs key_cache)
       read_ahead_kb=N    the kernel's read-ahead window for the mount, in KiB
-                         (default 4096; 0 = the kernel's 128; set as root only)
+                         (default 4096; 0 = the kernel's 128; set as root only;
+                         128 suits sparse random mmap access to large files)
       debug              trace FUSE requests (implies -f)
 )";
 
