@@ -172,6 +172,19 @@ int EncryptedFile::read_block(std::uint64_t block, std::uint64_t len, std::uint8
   return 0;
 }
 
+int EncryptedFile::reseal_block(std::uint64_t block, std::uint64_t old_len, std::uint64_t new_len) const {
+  std::uint8_t plain[bl::kBlockSize];
+  std::uint8_t sealed[bl::kStoredBlockSize];
+  int rc = read_block(block, old_len, plain);
+  if (rc == 0) {
+    if (new_len > old_len) std::memset(plain + old_len, 0, new_len - old_len);
+    seal_block(block, std::span(plain, new_len), sealed);
+    rc = write_all(sealed, new_len + bl::kBlockOverhead, bl::stored_offset(block));
+  }
+  crypto::cleanse(plain, sizeof plain);
+  return rc;
+}
+
 int EncryptedFile::write_all(const std::uint8_t* data, std::size_t len, std::uint64_t off) const {
   std::size_t done = 0;
   while (done < len) {
@@ -221,16 +234,14 @@ long EncryptedFile::write(std::uint64_t plain_size, std::uint64_t off,
 
   if (pad_tail) {
     const std::uint64_t old_len = bl::block_plain_len(tail, plain_size);
-    if (int rc = read_block(tail, old_len, plain); rc != 0) return rc;
-    std::memset(plain + old_len, 0, bl::kBlockSize - old_len);
     if (begin_block == tail) {
+      if (int rc = read_block(tail, old_len, plain); rc != 0) return rc;
+      std::memset(plain + old_len, 0, bl::kBlockSize - old_len);
       seal_block(tail, std::span(plain, bl::kBlockSize), out);
-    } else {
+    } else if (int rc = reseal_block(tail, old_len, bl::kBlockSize); rc != 0) {
       // Not adjacent to the write: a separate write, done before the new
       // blocks so that a crash in between leaves a consistent file.
-      std::uint8_t sealed[bl::kStoredBlockSize];
-      seal_block(tail, std::span(plain, bl::kBlockSize), sealed);
-      if (int rc = write_all(sealed, sizeof sealed, bl::stored_offset(tail)); rc != 0) return rc;
+      return rc;
     }
   }
 
@@ -302,17 +313,7 @@ long EncryptedFile::write_sealed(std::uint64_t plain_size, std::uint64_t off, st
   const std::uint64_t reserve_from = std::max(stored_begin, std::min(allocated_end, stored_end));
   if (int rc = preallocate(reserve_from, stored_end - reserve_from); rc != 0) return rc;
   if (pad_tail) {
-    std::uint8_t plain[bl::kBlockSize];
-    std::uint8_t padded[bl::kStoredBlockSize];
-    const std::uint64_t old_len = bl::block_plain_len(tail, plain_size);
-    int rc = read_block(tail, old_len, plain);
-    if (rc == 0) {
-      std::memset(plain + old_len, 0, bl::kBlockSize - old_len);
-      seal_block(tail, std::span(plain, bl::kBlockSize), padded);
-      rc = write_all(padded, sizeof padded, bl::stored_offset(tail));
-    }
-    crypto::cleanse(plain, sizeof plain);
-    if (rc != 0) return rc;
+    if (int rc = reseal_block(tail, bl::block_plain_len(tail, plain_size), bl::kBlockSize); rc != 0) return rc;
   }
   if (int rc = write_all(sealed, stored_end - stored_begin, stored_begin); rc != 0) return rc;
   return static_cast<long>(len);
@@ -320,8 +321,6 @@ long EncryptedFile::write_sealed(std::uint64_t plain_size, std::uint64_t off, st
 
 int EncryptedFile::truncate(std::uint64_t plain_size, std::uint64_t new_size) const {
   if (new_size == plain_size) return 0;
-  std::uint8_t plain[bl::kBlockSize];
-  std::uint8_t sealed[bl::kStoredBlockSize];
   if (new_size > plain_size) {
     // Grow the partial last block (to a full block, or to the new end if
     // that lies inside it); the rest of the extension is holes.
@@ -330,23 +329,13 @@ int EncryptedFile::truncate(std::uint64_t plain_size, std::uint64_t new_size) co
       const std::uint64_t old_len = bl::block_plain_len(tail, plain_size);
       const std::uint64_t grown = bl::block_plain_len(tail, new_size);
       if (int rc = preallocate(bl::stored_offset(tail), grown + bl::kBlockOverhead); rc != 0) return rc;
-      if (int rc = read_block(tail, old_len, plain); rc != 0) return rc;
-      std::memset(plain + old_len, 0, grown - old_len);
-      seal_block(tail, std::span(plain, grown), sealed);
-      if (int rc = write_all(sealed, grown + bl::kBlockOverhead, bl::stored_offset(tail)); rc != 0) {
-        return rc;
-      }
+      if (int rc = reseal_block(tail, old_len, grown); rc != 0) return rc;
     }
   } else if (new_size % bl::kBlockSize != 0) {
     // Shrink into the middle of a block: re-seal its head.
     const std::uint64_t tail = bl::block_index(new_size);
     const std::uint64_t old_len = bl::block_plain_len(tail, plain_size);
-    const std::uint64_t kept = bl::block_plain_len(tail, new_size);
-    if (int rc = read_block(tail, old_len, plain); rc != 0) return rc;
-    seal_block(tail, std::span(plain, kept), sealed);
-    if (int rc = write_all(sealed, kept + bl::kBlockOverhead, bl::stored_offset(tail)); rc != 0) {
-      return rc;
-    }
+    if (int rc = reseal_block(tail, old_len, bl::block_plain_len(tail, new_size)); rc != 0) return rc;
   }
   if (::ftruncate(fd_, static_cast<off_t>(bl::stored_size(new_size))) != 0) return -errno;
   return 0;

@@ -91,6 +91,10 @@ class EncryptedFile {
                   std::uint8_t* stored_out) const;
   // Reads and decrypts one existing block (len > 0) into out; 0 or -errno.
   int read_block(std::uint64_t block, std::uint64_t len, std::uint8_t* out) const;
+  // Re-seals existing block `block` from its `old_len` plaintext bytes to
+  // `new_len` (zeros past old_len when it grows, cut when it shrinks) in
+  // place, with a fresh IV; 0 or -errno.
+  int reseal_block(std::uint64_t block, std::uint64_t old_len, std::uint64_t new_len) const;
   int write_all(const std::uint8_t* data, std::size_t len, std::uint64_t off) const;
   int preallocate(std::uint64_t off, std::uint64_t len) const;
 
