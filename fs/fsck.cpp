@@ -22,6 +22,7 @@
 #include "crypto/random.h"
 #include "fs/encrypted_file.h"
 #include "fs/file_keys.h"
+#include "fs/mountinfo.h"
 #include "fs/name_mapper.h"
 #include "fs/unique_fd.h"
 #include "fs/volume.h"
@@ -385,15 +386,8 @@ bool cipherdir_is_mounted(const std::string& cipherdir) {
   char abs[PATH_MAX];
   if (::realpath(cipherdir.c_str(), abs) == nullptr) return false;
   const std::string source = std::string("kmsfs:") + abs;
-  std::ifstream in("/proc/self/mountinfo");
-  std::string line;
-  while (std::getline(in, line)) {
-    auto dash = line.find(" - ");
-    if (dash == std::string::npos) continue;
-    std::istringstream rest(line.substr(dash + 3));
-    std::string fstype, src;
-    rest >> fstype >> src;
-    if (fstype.find("kmsfs") != std::string::npos && src == source) return true;
+  for (const auto& m : read_mountinfo()) {
+    if (m.fstype.find("kmsfs") != std::string::npos && m.source == source) return true;
   }
   return false;
 }

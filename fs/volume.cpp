@@ -29,6 +29,7 @@
 #include "crypto/random.h"
 #include "fs/filesystem.h"
 #include "fs/killpriv.h"
+#include "fs/mountinfo.h"
 #include "fs/name_mapper.h"
 
 namespace kmsfs::fs {
@@ -119,23 +120,6 @@ bool run_fusermount_unmount(const std::string& mountpoint) {
   return WIFEXITED(status) && WEXITSTATUS(status) == 0;
 }
 
-// A path field of /proc/self/mountinfo: the kernel writes space, tab,
-// newline and backslash as \ooo octal escapes.
-std::string unescape_mountinfo(const std::string& field) {
-  auto octal = [](char c) { return c >= '0' && c <= '7'; };
-  std::string out;
-  for (std::size_t i = 0; i < field.size(); ++i) {
-    if (field[i] == '\\' && i + 3 < field.size() && octal(field[i + 1]) && octal(field[i + 2]) &&
-        octal(field[i + 3])) {
-      out.push_back(static_cast<char>((field[i + 1] - '0') * 64 + (field[i + 2] - '0') * 8 + (field[i + 3] - '0')));
-      i += 3;
-    } else {
-      out.push_back(field[i]);
-    }
-  }
-  return out;
-}
-
 // Raises the read-ahead window of the kmsfs mount at `mountpoint` to `kb`
 // KiB through its FUSE device's /sys/class/bdi entry, found in
 // /proc/self/mountinfo (a stat of the mount point would be a request to
@@ -145,19 +129,9 @@ std::string unescape_mountinfo(const std::string& field) {
 void raise_read_ahead(const std::string& mountpoint, std::size_t kb) {
   char abs[PATH_MAX];
   if (::realpath(mountpoint.c_str(), abs) == nullptr) return;
-  std::ifstream in("/proc/self/mountinfo");
-  std::string line;
   std::string device;
-  while (std::getline(in, line)) {
-    std::istringstream fields(line);
-    std::string id, parent, dev, root, point;
-    fields >> id >> parent >> dev >> root >> point;
-    const auto dash = line.find(" - ");
-    if (dash == std::string::npos || unescape_mountinfo(point) != abs) continue;
-    std::istringstream rest(line.substr(dash + 3));
-    std::string fstype;
-    rest >> fstype;
-    if (fstype == "fuse.kmsfs") device = dev;  // the last one: mounted on top
+  for (const auto& m : read_mountinfo()) {
+    if (m.mount_point == abs && m.fstype == "fuse.kmsfs") device = m.device;  // the last one: mounted on top
   }
   if (device.empty()) {
     logger()->debug("read-ahead: no kmsfs mount at {} in /proc/self/mountinfo", abs);
